@@ -1,0 +1,250 @@
+"""Every Numba setting fastbn uses, in one place.
+
+Nothing here compiles anything: importing fastbn must stay cheap.  Kernels are jitted lazily
+on first call (see :func:`kernel`).
+"""
+
+import os
+import sys
+import tempfile
+import threading
+
+# The threading layer has to be chosen before Numba starts its first parallel region.
+# Numba's default pick on a machine without TBB is `workqueue`, which aborts the whole process
+# when two Python threads enter a parallel region at once.  `threadsafe` asks for TBB, then
+# GNU OpenMP; both are safe for concurrent callers.  A layer the user chose explicitly wins.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    os.environ["NUMBA_THREADING_LAYER"] = "threadsafe"
+
+
+def _cache_dir():
+    """A writable directory for Numba's on-disk cache.
+
+    Numba writes its cache beside the source by default, which fails on a read-only
+    site-packages.  Respect NUMBA_CACHE_DIR when the user set it; otherwise use the
+    package directory if writable, else a per-user cache directory, else the temp dir.
+    """
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return os.environ["NUMBA_CACHE_DIR"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    if os.access(here, os.W_OK):
+        return None  # Numba's own __pycache__ beside the sources works.
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    for root in (base, tempfile.gettempdir()):
+        path = os.path.join(root, "fastbn-numba")
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(path, os.W_OK):
+            os.environ["NUMBA_CACHE_DIR"] = path
+            return path
+    return None
+
+
+CACHE_DIR = _cache_dir()
+
+import numba  # noqa: E402  (after the environment is set up)
+
+# Without `nnan`/`ninf`, so that NaN and Inf propagate per channel as IEEE says; `reassoc`
+# is what lets LLVM vectorize the reductions, `contract` allows FMAs.
+FASTMATH = frozenset({"reassoc", "contract", "nsz"})
+
+# Below this many elements a parallel region's launch cost (a few microseconds per prange)
+# exceeds the work, so the serial build of the same kernel runs instead.
+SERIAL_BELOW = 1 << 15
+
+# Work items of roughly this many elements: small enough that a chunk stays in L1/L2 between
+# the two passes of a per-chunk reduction, large enough that per-item overhead is negligible.
+CHUNK = 1 << 14
+
+# A channel whose whole slab is at most this many bytes is normalised right after its
+# statistics are computed, while it is still in cache (forward and backward read memory once).
+FUSE_BYTES = 512 * 1024
+
+# Fixed number of work items we aim for, independent of the thread count, so that reduction
+# order and hence results do not depend on how many threads run.
+MIN_ITEMS = 64
+
+
+class _State(threading.local):
+    pass
+
+
+_forked_omp = False
+
+
+def _after_fork_in_child():
+    # GNU OpenMP cannot be used in a child forked from a process whose OpenMP pool is running:
+    # libgomp terminates the child.  The serial builds of the kernels never touch the pool, so
+    # a forked child keeps working, single-threaded.
+    global _forked_omp
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel region ran yet in the parent: the child is free to start one
+        return
+    if layer == "omp":
+        _forked_omp = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def force_serial():
+    """True when parallel kernels must not run in this process (see _after_fork_in_child)."""
+    return _forked_omp
+
+
+_workqueue_lock = threading.Lock()
+
+
+def parallel_guard():
+    """A lock to hold around parallel calls when the active layer is not thread-safe.
+
+    Only `workqueue` needs it; with any other layer this returns a no-op context manager.
+    """
+    try:
+        layer = numba.threading_layer()
+    except ValueError:
+        layer = None
+    if layer == "workqueue":
+        return _workqueue_lock
+    return _NULL
+
+
+class _Null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NULL = _Null()
+
+
+def _clone(func, suffix):
+    """A copy of `func` under another qualified name.
+
+    Numba's cache index is keyed by qualified name and signature, not by compile flags, so
+    the serial and the parallel build of one kernel must not share a name.
+    """
+    import types
+
+    clone = types.FunctionType(
+        func.__code__, func.__globals__, func.__name__ + suffix, func.__defaults__, func.__closure__
+    )
+    clone.__qualname__ = func.__qualname__ + suffix
+    clone.__module__ = func.__module__
+    clone.__doc__ = func.__doc__
+    return clone
+
+
+class Kernel:
+    """A loop written once with `prange`, compiled lazily as a parallel and a serial build.
+
+    The serial build is used for small inputs, for one thread, and in forked children of an
+    OpenMP process.  Both builds come from the same Python source, so they cannot drift apart.
+    """
+
+    __slots__ = ("py_func", "_par", "_ser", "__name__", "__wrapped__", "__dict__")
+
+    def __init__(self, func):
+        self.py_func = func
+        self.__name__ = func.__name__
+        self.__doc__ = func.__doc__
+        self.__wrapped__ = func
+        self._par = None
+        self._ser = None
+
+    def _jit(self, parallel):
+        opts = dict(parallel=parallel, fastmath=set(FASTMATH), cache=True, nogil=True,
+                    error_model="numpy", boundscheck=None)
+        suffix = "_par" if parallel else "_ser"
+        return numba.njit(**opts)(_clone(self.py_func, suffix))
+
+    @property
+    def parallel(self):
+        if self._par is None:
+            self._par = self._jit(True)
+        return self._par
+
+    @property
+    def serial(self):
+        if self._ser is None:
+            self._ser = self._jit(False)
+        return self._ser
+
+    def __call__(self, size, *args):
+        """Run on `args`; `size` (elements touched) picks the serial or the parallel build."""
+        if use_serial(size):
+            return self.serial(*args)
+        with parallel_guard():
+            return self.parallel(*args)
+
+
+def use_serial(size):
+    """Whether a kernel touching `size` elements runs its serial build."""
+    return size < SERIAL_BELOW or _forked_omp or numba.get_num_threads() == 1
+
+
+def kernel(func):
+    return Kernel(func)
+
+
+def helper(func):
+    """A small jitted function called from kernels (inlined by LLVM)."""
+    return numba.njit(fastmath=set(FASTMATH), cache=True, nogil=True, error_model="numpy")(func)
+
+
+def set_num_threads(n):
+    """Set the number of threads fastbn's parallel kernels use (1 .. NUMBA_NUM_THREADS)."""
+    if isinstance(n, bool) or not isinstance(n, (int,)) and not hasattr(n, "__index__"):
+        raise TypeError(f"n must be an integer, got {type(n).__name__}")
+    n = int(n)
+    limit = numba.config.NUMBA_NUM_THREADS
+    if not 1 <= n <= limit:
+        raise ValueError(f"n must be between 1 and {limit} (NUMBA_NUM_THREADS), got {n}")
+    numba.set_num_threads(n)
+
+
+def get_num_threads():
+    """Number of threads fastbn's parallel kernels use in the calling thread."""
+    return numba.get_num_threads()
+
+
+def info():
+    """A dict describing the runtime: versions, threading layer, threads, cache, CPU."""
+    import platform
+
+    import numpy
+
+    try:
+        layer = numba.threading_layer()
+    except ValueError:
+        layer = f"not started yet (requested: {os.environ.get('NUMBA_THREADING_LAYER', 'default')})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    from . import __version__
+
+    return {
+        "fastbn": __version__,
+        "python": sys.version.split()[0],
+        "numpy": numpy.__version__,
+        "numba": numba.__version__,
+        "threading_layer": layer,
+        "num_threads": numba.get_num_threads(),
+        "max_threads": numba.config.NUMBA_NUM_THREADS,
+        "cpu_count": os.cpu_count(),
+        "cache_dir": CACHE_DIR or "beside the sources (__pycache__)",
+        "cpu": cpu,
+        "platform": platform.platform(),
+    }

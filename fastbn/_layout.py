@@ -1,0 +1,118 @@
+"""Route any channel axis of any strided array to one of the two kernel families.
+
+Batch norm reduces over every axis but the channel axis, so the order of those axes does not
+matter.  :func:`plan` sorts them by stride (largest first) and reverses negative-stride axes,
+then splits them into the axes with a larger stride than the channel axis (merged into ``N``) and
+those with a smaller one (merged into ``S``).  The result is a view ``(N, C, S)`` for the
+channels-first kernels, or ``(N, C)`` for the channels-last kernels when ``S`` is 1.  This is
+decided from strides, not from the caller's ``axis``: an NCHW tensor stored channels-last goes to
+the channels-last kernels.
+
+When the axes cannot be merged without copying (a view with gaps in the middle, say
+``x[:, :, ::2]``), the input is copied once into the kernel's layout; outputs are then computed
+into a scratch array and copied back.
+"""
+
+import numpy as np
+
+try:  # NumPy >= 2.1 says so directly
+    np.reshape(np.empty((2, 2))[:, :1], (2,), copy=False)
+
+    def _reshape_nocopy(a, shape):
+        try:
+            return np.reshape(a, shape, copy=False)
+        except ValueError:
+            return None
+
+except TypeError:  # older NumPy: assigning .shape refuses to copy
+
+    def _reshape_nocopy(a, shape):
+        v = a.view()
+        try:
+            v.shape = shape
+        except AttributeError:
+            return None
+        return v
+
+
+class Plan:
+    """How an array of a given shape and strides maps onto a kernel view.
+
+    ``channels_last`` tells the family; ``shape3`` is the view's shape (3-D or 2-D).  The same
+    plan maps every array of the operation (``x``, ``dy``, ``y``, ``out``) so that element
+    correspondence holds even when their strides differ.
+    """
+
+    __slots__ = ("shape", "axis", "C", "perm", "index", "shape3", "channels_last", "trivial")
+
+    def view(self, a):
+        """``a`` as the kernel view without copying, or None if that is impossible."""
+        if self.trivial and a.flags.c_contiguous:
+            return a.reshape(self.shape3)
+        v = a
+        if self.index is not None:
+            v = v[self.index]
+        return _reshape_nocopy(v.transpose(self.perm), self.shape3)
+
+    def as_input(self, a):
+        """The kernel view of ``a``, copying once if the strides allow no view."""
+        v = self.view(a)
+        if v is None:
+            v = a if self.index is None else a[self.index]
+            v = np.ascontiguousarray(v.transpose(self.perm)).reshape(self.shape3)
+        return v
+
+    def output(self, out):
+        """The kernel view to write into and, if ``out`` allows no view, a finisher that copies
+        the scratch result back into ``out``."""
+        v = self.view(out)
+        if v is not None:
+            return v, None
+        scratch = np.empty(self.shape3, dtype=out.dtype)
+
+        def finish():
+            dst = out if self.index is None else out[self.index]
+            dst = dst.transpose(self.perm)
+            np.copyto(dst, scratch.reshape(dst.shape))
+
+        return scratch, finish
+
+
+def plan(x, axis):
+    """Plan the kernel view for ``x`` reduced over every axis except ``axis`` (normalised)."""
+    p = Plan()
+    shape = x.shape
+    strides = x.strides
+    C = shape[axis]
+    p.shape = shape
+    p.axis = axis
+    p.C = C
+    others = [d for d in range(x.ndim) if d != axis]
+    flips = [d for d in others if strides[d] < 0 and shape[d] > 1]
+    if flips:
+        idx = [slice(None)] * x.ndim
+        for d in flips:
+            idx[d] = slice(None, None, -1)
+        p.index = tuple(idx)
+    else:
+        p.index = None
+    # Sizes of 1 carry no stride information: keep them with the outer axes, in order.
+    ones = [d for d in others if shape[d] == 1]
+    real = sorted((d for d in others if shape[d] > 1), key=lambda d: -abs(strides[d]))
+    if C == 1:
+        outer, inner = ones, real
+    else:
+        cs = abs(strides[axis])
+        outer = ones + [d for d in real if abs(strides[d]) > cs]
+        inner = [d for d in real if abs(strides[d]) <= cs]
+    p.perm = tuple(outer + [axis] + inner)
+    N = 1
+    for d in outer:
+        N *= shape[d]
+    S = 1
+    for d in inner:
+        S *= shape[d]
+    p.channels_last = S == 1
+    p.shape3 = (N, C) if p.channels_last else (N, C, S)
+    p.trivial = p.index is None and p.perm == tuple(range(x.ndim))
+    return p

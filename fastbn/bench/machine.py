@@ -1,0 +1,93 @@
+"""Machine and version facts recorded with every benchmark run (``--json``, README footnotes)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import sys
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _version(mod: str) -> str | None:
+    try:
+        m = importlib.import_module(mod)
+    except Exception:
+        return None
+    return getattr(m, "__version__", "unknown")
+
+
+def machine_info(*, fastbn_module=None, torch_module=None) -> dict:
+    """CPU, cores, OS, Python and library versions, Numba's threading layer and thread count.
+
+    Call after a parallel kernel has run: Numba only knows its threading layer from then on.
+    """
+    info: dict = {
+        "cpu": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "available_cores": available_cores(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "numpy": _version("numpy"),
+        "numba": _version("numba"),
+    }
+    try:
+        import numba
+
+        info["numba_num_threads"] = numba.get_num_threads()
+        info["numba_max_threads"] = numba.config.NUMBA_NUM_THREADS
+        try:
+            info["threading_layer"] = numba.threading_layer()
+        except ValueError:  # no parallel kernel has run yet
+            info["threading_layer"] = None
+    except ImportError:
+        pass
+    if fastbn_module is not None:
+        info["fastbn"] = getattr(fastbn_module, "__version__", "unknown")
+        get_info = getattr(fastbn_module, "info", None)
+        if callable(get_info):
+            try:
+                info["fastbn_info"] = {k: _jsonable(v) for k, v in dict(get_info()).items()}
+            except Exception as exc:  # info() is a convenience: never fail the run for it
+                info["fastbn_info"] = {"error": repr(exc)}
+    if torch_module is not None:
+        info["torch"] = getattr(torch_module, "__version__", "unknown")
+        try:
+            info["torch_threads"] = torch_module.get_num_threads()
+            for line in torch_module.__config__.parallel_info().splitlines():
+                if line.startswith("ATen parallel backend"):
+                    info["torch_parallel_backend"] = line.split(":", 1)[1].strip()
+        except Exception:
+            pass
+    for mod in ("onnxruntime", "onnx", "matplotlib", "asv"):
+        v = _version(mod) if mod in sys.modules else None
+        if v:
+            info[mod] = v
+    return info
+
+
+def _jsonable(v):
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return str(v)

@@ -1,0 +1,517 @@
+"""The NumPy API: validation, layout routing, dispatch to the kernels, ``out=``.
+
+Conventions (as PyTorch): the batch variance used to normalise is the biased one (divide by the
+number of values per channel, ``L``); the running variance is updated with the unbiased one
+(divide by ``L - 1``); ``running = (1 - momentum) * running + momentum * batch``.
+"""
+
+import math
+import operator
+
+import numpy as np
+
+from . import _config
+from . import _layout
+from ._kernels import channels_first as _cf
+from ._kernels import channels_last as _cl
+from ._kernels import merge as _merge
+
+__all__ = [
+    "channel_stats",
+    "batch_norm_train",
+    "batch_norm_infer",
+    "batch_norm_backward",
+    "batch_norm",
+]
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_METHODS = ("auto", "two_pass", "welford")
+_ACTIVATIONS = (None, "relu")
+_NEG_INF = -math.inf
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _array(a, name):
+    """``a`` as a float32/float64 ndarray in native byte order (Numba needs native order)."""
+    if not isinstance(a, np.ndarray):
+        if a is None:
+            raise TypeError(f"{name} must be an array, got None")
+        a = np.asarray(a)
+    dt = a.dtype
+    if dt not in _FLOATS:
+        if dt.kind == "f" and dt.newbyteorder("=") in _FLOATS:
+            return a.astype(dt.newbyteorder("="))  # a non-native byte order: one copy
+        raise TypeError(f"{name} must be float32 or float64, got dtype {dt}")
+    return a
+
+
+def _x_and_axis(x, axis, name="x"):
+    x = _array(x, name)
+    nd = x.ndim
+    if not 2 <= nd <= 5:
+        raise ValueError(f"{name} must have 2 to 5 dimensions (N, C, ...), got {nd}-d with shape {x.shape}")
+    if isinstance(axis, (bool, np.bool_)):
+        raise TypeError(f"axis must be an integer, got {axis!r}")
+    try:
+        ax = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an integer, got {type(axis).__name__}") from None
+    if not -nd <= ax < nd:
+        raise ValueError(f"axis {axis} is out of range for {name} with {nd} dimensions")
+    return x, ax % nd
+
+
+def _channel_vector(v, name, C, writeable=False):
+    """A per-channel parameter: 1-D float of length C (float32 or float64, whatever x is)."""
+    if not isinstance(v, np.ndarray):
+        v = np.asarray(v)
+    if v.dtype.kind != "f" or v.dtype.newbyteorder("=") not in _FLOATS:
+        raise TypeError(f"{name} must be float32 or float64, got dtype {v.dtype}")
+    if v.ndim != 1 or v.shape[0] != C:
+        raise ValueError(f"{name} must have shape ({C},) to match the {C} channels of x, got {v.shape}")
+    if writeable and not v.flags.writeable:
+        raise ValueError(f"{name} is read-only but must be updated in place")
+    return v
+
+
+def _f64(v, name, C, default):
+    """A per-channel parameter as a float64 vector for the kernels (``default`` if None)."""
+    if v is None:
+        return np.full(C, default)
+    return _channel_vector(v, name, C).astype(np.float64)
+
+
+def _positive(value, name):
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
+    if not f > 0 or not math.isfinite(f):  # also rejects NaN
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return f
+
+
+def _momentum(value):
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"momentum must be a real number in [0, 1], got {type(value).__name__}") from None
+    if not 0.0 <= f <= 1.0:  # also rejects NaN
+        raise ValueError(f"momentum must be in [0, 1], got {value!r}")
+    return f
+
+
+def _check_out(out, x, name="out", inputs=()):
+    """``out`` must match ``x`` in shape and dtype, be writeable, and not partially overlap an
+    input (writing the exact same memory, e.g. ``out=x``, is allowed: every kernel reads an
+    element before writing the same element)."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
+    if out.shape != x.shape:
+        raise ValueError(f"{name} must have shape {x.shape} like x, got {out.shape}")
+    if out.dtype != x.dtype:
+        raise TypeError(f"{name} must have dtype {x.dtype} like x, got {out.dtype}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    for arr, arr_name in inputs:
+        if arr is None or not np.may_share_memory(out, arr):
+            continue
+        same = (
+            out.__array_interface__["data"][0] == arr.__array_interface__["data"][0]
+            and out.strides == arr.strides
+        )
+        if not same:
+            raise ValueError(f"{name} overlaps {arr_name} in a way that is not element-for-element; "
+                             f"pass a separate array or the same array itself")
+    return out
+
+
+def _new_output(x):
+    return np.empty_like(x, order="K")
+
+
+def _values_per_channel(x, axis):
+    C = x.shape[axis]
+    return x.size // C if C else 0
+
+
+def _require_training_size(x, axis):
+    L = _values_per_channel(x, axis)
+    if x.size == 0:
+        raise ValueError(f"x is empty (shape {x.shape}): batch statistics need at least 2 values per channel")
+    if L <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+    return L
+
+
+# ----------------------------------------------------------------------------- decomposition
+# Every choice below depends on the shape only, never on the thread count, so that reductions
+# happen in the same order and give bit-identical results with any number of threads.
+
+_MIN_ROWS = 32  # channels-last reductions: rows per tile, so partial buffers stay small
+
+
+def _cf_chunks(N, C, S):
+    """Chunks per channel for a channels-first reduction."""
+    L = N * S
+    k = max(-(-_config.MIN_ITEMS // C), -(-L // _config.CHUNK))
+    return max(1, min(k, L // 1024))
+
+
+def _cl_tiles(M, C, reduce):
+    """Tile size (rows R, channels W) for a channels-last kernel."""
+    R = max(1, _config.CHUNK // C)
+    if reduce:
+        R = max(_MIN_ROWS, R)
+    R = min(R, M)
+    K = -(-M // R)
+    nb = max(1, min(-(-C // 64), -(-_config.MIN_ITEMS // K)))
+    W = -(-C // nb)
+    W = min(C, -(-W // 16) * 16)
+    return R, W
+
+
+def _cf_flat_items(size):
+    return max(1, -(-size // _config.CHUNK))
+
+
+def _fuse(p, x):
+    """Whether channels-first statistics and the elementwise pass run per channel in one go."""
+    N, C, S = p.shape3
+    if N * S * x.itemsize > _config.FUSE_BYTES:
+        return False
+    return C >= 16 or _config.use_serial(x.size)
+
+
+# ----------------------------------------------------------------------------- kernel drivers
+
+
+def _moments(p, x3, method, ddof=0):
+    """Per-channel float64 mean and variance (divided by L - ddof) of the kernel view."""
+    C = p.C
+    mean = np.empty(C)
+    var = np.empty(C)
+    size = x3.size
+    if p.channels_last:
+        M = x3.shape[0]
+        R, W = _cl_tiles(M, C, True)
+        K = -(-M // R)
+        counts = np.full(K, float(R))
+        counts[-1] = M - R * (K - 1)
+        family = _cl
+    else:
+        N, _, S = x3.shape
+        L = N * S
+        K = _cf_chunks(N, C, S)
+        edges = np.arange(K + 1) * L // K
+        counts = np.diff(edges).astype(np.float64)
+        family = _cf
+    # Partial buffers are laid out (C, K) for channels-first and (K, C) for channels-last, where
+    # each tile owns a contiguous row; the merges take a (C, K) view either way.
+    a = np.empty((K, C) if p.channels_last else (C, K))
+    b = np.empty_like(a)
+    av, bv = (a.T, b.T) if p.channels_last else (a, b)
+    args = (R, W) if p.channels_last else (K,)
+    L = float(x3.size // C)
+    if method == "two_pass":
+        family.sums(size, x3, np.zeros(C), *args, a, b)
+        _merge.merge_sums(a.size, av, mean)
+        mean /= L
+        family.sums(size, x3, mean, *args, a, b)
+        d1 = np.empty(C)
+        _merge.merge_sums(a.size, av, d1)
+        _merge.merge_sums(b.size, bv, var)
+        # The sum of deviations from the computed mean corrects that mean's rounding error.
+        mean += d1 / L
+        var -= d1 * d1 / L
+        var /= L - ddof
+    else:
+        family.moments(size, x3, *args, a, b)
+        _merge.merge_moments(a.size, counts, av, bv, mean, var, float(ddof))
+    return mean, var
+
+
+def _affine(p, x3, y3, center, scale, shift, lo):
+    if p.channels_last:
+        R, W = _cl_tiles(x3.shape[0], p.C, False)
+        _cl.affine(x3.size, x3, center, scale, shift, lo, y3, R, W)
+    else:
+        _cf.affine(x3.size, x3, center, scale, shift, lo, y3, _cf_flat_items(x3.size))
+
+
+def _resolve_method(method):
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    # Measured: the chunked single pass (per-chunk two-pass in cache, Chan merge) reads memory
+    # once and is never slower than the global two-pass, which reads it twice.
+    return "welford" if method == "auto" else method
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def channel_stats(x, *, axis=1, ddof=0, method="auto"):
+    """Per-channel mean and variance over every axis except ``axis``.
+
+    Parameters
+    ----------
+    x : ndarray, float32 or float64, 2-D to 5-D
+    axis : int
+        The channel axis (1 for NC/NCL/NCHW/NCDHW, -1 for channels-last).
+    ddof : int
+        The variance divides by ``L - ddof`` where ``L`` is the number of values per channel
+        (0: biased, as used to normalise; 1: unbiased, as used for running statistics).
+    method : {"auto", "two_pass", "welford"}
+        ``"two_pass"``: the mean in one pass over memory, then the corrected sum of squared
+        deviations in a second.  ``"welford"``: one pass over memory; each cache-sized chunk
+        gets its exact count, mean and M2 (two passes over the chunk while it is in cache),
+        and the chunks are merged in a fixed order with Chan's formula.  Both accumulate in
+        float64 and are stable for data far from zero (mean 1e8, std 1 in float64 gives the
+        variance to ~1e-9 relative), unlike ``E[x^2] - E[x]^2``.  ``"auto"`` picks
+        ``"welford"``, which reads memory once and measured no slower on any shape.
+
+    Returns
+    -------
+    mean, var : ndarray, shape (C,), dtype of ``x``
+
+    Raises
+    ------
+    TypeError
+        ``x`` not float32/float64, ``axis``/``ddof`` not an integer.
+    ValueError
+        Bad rank or axis, unknown ``method``, no values per channel, ``ddof`` too large.
+    """
+    x, axis = _x_and_axis(x, axis)
+    method = _resolve_method(method)
+    if isinstance(ddof, (bool, np.bool_)) or not isinstance(ddof, (int, np.integer)):
+        raise TypeError(f"ddof must be an integer, got {ddof!r}")
+    L = _values_per_channel(x, axis)
+    if L == 0:
+        raise ValueError(f"x has no values per channel (shape {x.shape}); the statistics are undefined")
+    if not 0 <= ddof < L:
+        raise ValueError(f"ddof must be in [0, {L}) for {L} values per channel, got {ddof}")
+    p = _layout.plan(x, axis)
+    mean, var = _moments(p, p.as_input(x), method, ddof)
+    return mean.astype(x.dtype), var.astype(x.dtype)
+
+
+def _train(x, axis, weight, bias, eps, out):
+    """Forward training; returns (y, mean64, var64) with var biased."""
+    C = x.shape[axis]
+    w = _f64(weight, "weight", C, 1.0)
+    b = _f64(bias, "bias", C, 0.0)
+    y = _new_output(x) if out is None else _check_out(out, x, inputs=((x, "x"),))
+    p = _layout.plan(x, axis)
+    x3 = p.as_input(x)
+    y3, finish = p.output(y)
+    if not p.channels_last and _fuse(p, x):
+        mean = np.empty(C)
+        var = np.empty(C)
+        _cf.train_fused(x3.size, x3, w, b, eps, y3, mean, var)
+    else:
+        mean, var = _moments(p, x3, "welford")
+        scale = w / np.sqrt(var + eps)
+        _affine(p, x3, y3, mean, scale, b, _NEG_INF)
+    if finish is not None:
+        finish()
+    return y, mean, var
+
+
+def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, out=None):
+    """Batch normalisation in training mode, as ``torch.native_batch_norm(training=True)``.
+
+    ``y = (x - mean) * invstd * weight + bias`` with ``invstd = 1 / sqrt(var + eps)`` and the
+    biased per-channel batch variance ``var``.  Statistics use the single-pass chunked algorithm
+    of :func:`channel_stats`; when a channel's data fits in cache, its statistics and its
+    normalisation run back to back so memory is read once.
+
+    Returns
+    -------
+    y : ndarray like ``x`` (or ``out``)
+    mean, invstd : ndarray, shape (C,), dtype of ``x`` — what the backward pass needs.
+
+    Raises
+    ------
+    ValueError
+        Fewer than 2 values per channel ("Expected more than 1 value per channel when
+        training"), bad rank/axis, parameters of the wrong shape, ``eps`` <= 0, bad ``out``.
+    TypeError
+        Non-float ``x``, parameters or ``out`` of the wrong dtype.
+    """
+    x, axis = _x_and_axis(x, axis)
+    eps = _positive(eps, "eps")
+    _require_training_size(x, axis)
+    y, mean, var = _train(x, axis, weight, bias, eps, out)
+    return y, mean.astype(x.dtype), (1.0 / np.sqrt(var + eps)).astype(x.dtype)
+
+
+def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, eps=1e-5, axis=1,
+                     activation=None, out=None):
+    """Batch normalisation in inference mode, one pass over memory.
+
+    ``y = (x - running_mean) * scale + bias`` with per-channel ``scale = weight /
+    sqrt(running_var + eps)``, optionally followed by ReLU (``activation="relu"``).  This is the
+    fused ``x * scale + shift`` form with the mean subtracted first, which costs nothing on a
+    memory-bound pass and avoids cancellation when the mean is large.
+
+    Raises
+    ------
+    ValueError / TypeError
+        As :func:`batch_norm_train`, plus an unknown ``activation``.
+    """
+    x, axis = _x_and_axis(x, axis)
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    eps = _positive(eps, "eps")
+    C = x.shape[axis]
+    rm = _f64(_required(running_mean, "running_mean"), "running_mean", C, 0.0)
+    rv = _f64(_required(running_var, "running_var"), "running_var", C, 1.0)
+    w = _f64(weight, "weight", C, 1.0)
+    b = _f64(bias, "bias", C, 0.0)
+    y = _new_output(x) if out is None else _check_out(out, x, inputs=((x, "x"),))
+    if x.size == 0:
+        return y
+    scale = w / np.sqrt(rv + eps)
+    p = _layout.plan(x, axis)
+    x3 = p.as_input(x)
+    y3, finish = p.output(y)
+    _affine(p, x3, y3, rm, scale, b, 0.0 if activation == "relu" else _NEG_INF)
+    if finish is not None:
+        finish()
+    return y
+
+
+def _required(v, name):
+    if v is None:
+        raise TypeError(f"{name} is required (got None)")
+    return v
+
+
+def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=True, out=None):
+    """Gradients of batch normalisation, as ``torch.native_batch_norm_backward``.
+
+    Training mode (``mean``/``invstd`` are the batch statistics saved by the forward pass)::
+
+        dx = weight * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)),  xhat = (x - mean) * invstd
+
+    Evaluation mode (``training=False``; ``mean``/``invstd`` come from the running statistics):
+    ``dx = dy * weight * invstd``.  In both modes ``dweight = sum(dy * xhat)`` and
+    ``dbias = sum(dy)`` over every axis but the channel axis.
+
+    Two passes: per-channel sums of ``dy`` and ``dy * (x - mean)``, then an elementwise pass;
+    when a channel fits in cache both run back to back.
+
+    Returns
+    -------
+    dx : ndarray like ``x`` (or ``out``)
+    dweight, dbias : ndarray, shape (C,), dtype of ``x``
+    """
+    x, axis = _x_and_axis(x, axis)
+    dy = _array(dy, "dy")
+    if dy.shape != x.shape:
+        raise ValueError(f"dy must have the shape of x {x.shape}, got {dy.shape}")
+    if dy.dtype != x.dtype:
+        raise TypeError(f"dy must have the dtype of x ({x.dtype}), got {dy.dtype}")
+    C = x.shape[axis]
+    mu = _f64(_required(mean, "mean"), "mean", C, 0.0)
+    istd = _f64(_required(invstd, "invstd"), "invstd", C, 1.0)
+    w = _f64(weight, "weight", C, 1.0)
+    dx = _new_output(x) if out is None else _check_out(out, x, inputs=((x, "x"), (dy, "dy")))
+    L = _values_per_channel(x, axis)
+    if x.size == 0:
+        z = np.zeros(C, dtype=x.dtype)
+        return dx, z, z.copy()
+    p = _layout.plan(x, axis)
+    x3 = p.as_input(x)
+    dy3 = p.as_input(dy)
+    dx3, finish = p.output(dx)
+    if training and not p.channels_last and _fuse(p, x):
+        sg = np.empty(C)
+        sgx = np.empty(C)
+        _cf.bwd_fused(x3.size, x3, dy3, mu, istd, w, dx3, sg, sgx)
+    else:
+        sg, sgx = _bwd_sums(p, x3, dy3, mu)
+        a = w * istd
+        if training:
+            bco = -a * istd * istd * sgx / L
+            dco = -a * sg / L
+        else:
+            bco = np.zeros(C)
+            dco = bco
+        if p.channels_last:
+            R, W = _cl_tiles(x3.shape[0], C, False)
+            _cl.bwd_apply(x3.size, x3, dy3, mu, a, bco, dco, dx3, R, W)
+        else:
+            _cf.bwd_apply(x3.size, x3, dy3, mu, a, bco, dco, dx3, _cf_flat_items(x3.size))
+    if finish is not None:
+        finish()
+    return dx, (sgx * istd).astype(x.dtype), sg.astype(x.dtype)
+
+
+def _bwd_sums(p, x3, dy3, mu):
+    C = p.C
+    if p.channels_last:
+        R, W = _cl_tiles(x3.shape[0], C, True)
+        K = -(-x3.shape[0] // R)
+        a = np.empty((K, C))
+        b = np.empty((K, C))
+        _cl.bwd_sums(x3.size, x3, dy3, mu, R, W, a, b)
+        a, b = a.T, b.T
+    else:
+        N, _, S = x3.shape
+        K = _cf_chunks(N, C, S)
+        a = np.empty((C, K))
+        b = np.empty((C, K))
+        _cf.bwd_sums(x3.size, x3, dy3, mu, K, a, b)
+    sg = np.empty(C)
+    sgx = np.empty(C)
+    _merge.merge_sums(a.size, a, sg)
+    _merge.merge_sums(b.size, b, sgx)
+    return sg, sgx
+
+
+def batch_norm(x, running_mean, running_var, weight=None, bias=None, *, training=False,
+               momentum=0.1, eps=1e-5, axis=1, out=None):
+    """Mirror of ``torch.nn.functional.batch_norm``.
+
+    In training mode the batch statistics normalise ``x``, and the running statistics, when
+    given (either may be None), are updated in place::
+
+        running_mean = (1 - momentum) * running_mean + momentum * mean
+        running_var  = (1 - momentum) * running_var  + momentum * var * L / (L - 1)
+
+    (the unbiased batch variance, ``L`` values per channel).  They are written only after the
+    output is computed, so a failing call leaves them untouched.  Otherwise the running
+    statistics, which are then required, normalise ``x`` (:func:`batch_norm_infer`).
+    """
+    x, axis = _x_and_axis(x, axis)
+    eps = _positive(eps, "eps")
+    momentum = _momentum(momentum)
+    C = x.shape[axis]
+    if running_mean is not None:
+        running_mean = _channel_vector(running_mean, "running_mean", C, writeable=training)
+    if running_var is not None:
+        running_var = _channel_vector(running_var, "running_var", C, writeable=training)
+    if not training:
+        if running_mean is None or running_var is None:
+            raise ValueError("running_mean and running_var are required when training=False")
+        return batch_norm_infer(x, running_mean, running_var, weight, bias, eps=eps, axis=axis,
+                                out=out)
+    L = _require_training_size(x, axis)
+    y, mean, var = _train(x, axis, weight, bias, eps, out)
+    update_running_stats(running_mean, running_var, mean, var, L, momentum)
+    return y
+
+
+def update_running_stats(running_mean, running_var, mean, var, count, momentum):
+    """PyTorch's running-statistics update, in place (either running array may be None).
+
+    ``var`` is the biased batch variance over ``count`` values per channel; the running variance
+    takes the unbiased one, ``var * count / (count - 1)``.
+    """
+    if running_mean is not None:
+        running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
+    if running_var is not None:
+        running_var[...] = (1.0 - momentum) * running_var + momentum * (var * (count / (count - 1)))
