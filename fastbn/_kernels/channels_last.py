@@ -3,7 +3,8 @@
 Work items are tiles of ``R`` rows by ``W`` channels.  Inner loops run across channels, so they
 are unit-stride and vectorise; per-channel accumulators are a row of a partial buffer owned by
 the tile (``parts[k, c]`` for row block ``k``), merged afterwards in a fixed order.  A tile is
-small enough to stay in cache between the two passes of a per-tile reduction.
+small enough to stay in cache between the two passes of a per-tile reduction.  Inner loops index
+1-D slices from 0 so that Numba's negative-index handling does not block vectorisation.
 """
 
 import numba
@@ -21,98 +22,113 @@ def _tile(it, NB, R, W, M, C):
     return k, r0, min(M, r0 + R), c0, min(C, c0 + W)
 
 
+@helper
+def _tiles(x, R, W):
+    M, C = x.shape
+    NB = (C + W - 1) // W
+    return M, C, NB, ((M + R - 1) // R) * NB
+
+
+@helper
+def _row_sums(xr, center, a1, a2):
+    for c in range(xr.shape[0]):
+        d = xr[c] - center[c]
+        a1[c] += d
+        a2[c] += d * d
+
+
 @kernel
 def moments(x, R, W, mean, m2):
     """Per tile mean and M2 of each channel into ``mean[K, C]`` and ``m2[K, C]``.
 
     Two passes over the tile while it is in cache: one pass over memory, two-pass accuracy.
     """
-    M, C = x.shape
-    NB = (C + W - 1) // W
-    K = (M + R - 1) // R
-    for it in numba.prange(K * NB):
+    M, C, NB, items = _tiles(x, R, W)
+    for it in numba.prange(items):
         k, r0, r1, c0, c1 = _tile(it, NB, R, W, M, C)
-        acc = mean[k]
-        sq = m2[k]
-        for c in range(c0, c1):
-            acc[c] = 0.0
-            sq[c] = 0.0
+        acc = mean[k, c0:c1]
+        sq = m2[k, c0:c1]
+        acc[:] = 0.0
+        sq[:] = 0.0
         for r in range(r0, r1):
-            for c in range(c0, c1):
-                acc[c] += x[r, c]
-        inv = 1.0 / (r1 - r0)
-        for c in range(c0, c1):
-            acc[c] *= inv
+            xr = x[r, c0:c1]
+            for c in range(xr.shape[0]):
+                acc[c] += xr[c]
+        acc *= 1.0 / (r1 - r0)
         for r in range(r0, r1):
-            for c in range(c0, c1):
-                d = x[r, c] - acc[c]
+            xr = x[r, c0:c1]
+            for c in range(xr.shape[0]):
+                d = xr[c] - acc[c]
                 sq[c] += d * d
 
 
 @kernel
 def sums(x, center, R, W, s1, s2):
     """Per tile sums of ``x - center[c]`` and of its square into ``s1[K, C]``, ``s2[K, C]``."""
-    M, C = x.shape
-    NB = (C + W - 1) // W
-    K = (M + R - 1) // R
-    for it in numba.prange(K * NB):
+    M, C, NB, items = _tiles(x, R, W)
+    for it in numba.prange(items):
         k, r0, r1, c0, c1 = _tile(it, NB, R, W, M, C)
-        a1 = s1[k]
-        a2 = s2[k]
-        for c in range(c0, c1):
-            a1[c] = 0.0
-            a2[c] = 0.0
+        a1 = s1[k, c0:c1]
+        a2 = s2[k, c0:c1]
+        a1[:] = 0.0
+        a2[:] = 0.0
+        ce = center[c0:c1]
         for r in range(r0, r1):
-            for c in range(c0, c1):
-                d = x[r, c] - center[c]
-                a1[c] += d
-                a2[c] += d * d
+            _row_sums(x[r, c0:c1], ce, a1, a2)
 
 
 @kernel
 def bwd_sums(x, dy, mu, R, W, sg, sgx):
     """Per tile sums of ``dy`` and ``dy * (x - mu[c])`` into ``sg[K, C]``, ``sgx[K, C]``."""
-    M, C = x.shape
-    NB = (C + W - 1) // W
-    K = (M + R - 1) // R
-    for it in numba.prange(K * NB):
+    M, C, NB, items = _tiles(x, R, W)
+    for it in numba.prange(items):
         k, r0, r1, c0, c1 = _tile(it, NB, R, W, M, C)
-        a1 = sg[k]
-        a2 = sgx[k]
-        for c in range(c0, c1):
-            a1[c] = 0.0
-            a2[c] = 0.0
+        a1 = sg[k, c0:c1]
+        a2 = sgx[k, c0:c1]
+        a1[:] = 0.0
+        a2[:] = 0.0
+        m = mu[c0:c1]
         for r in range(r0, r1):
-            for c in range(c0, c1):
-                g = dy[r, c]
+            xr = x[r, c0:c1]
+            gr = dy[r, c0:c1]
+            for c in range(xr.shape[0]):
+                g = gr[c]
                 a1[c] += g
-                a2[c] += g * (x[r, c] - mu[c])
+                a2[c] += g * (xr[c] - m[c])
 
 
 @kernel
 def affine(x, center, scale, shift, lo, y, R, W):
     """Elementwise ``y = max((x - center[c]) * scale[c] + shift[c], lo)``; NaN passes through."""
-    M, C = x.shape
-    NB = (C + W - 1) // W
-    K = (M + R - 1) // R
-    for it in numba.prange(K * NB):
+    M, C, NB, items = _tiles(x, R, W)
+    for it in numba.prange(items):
         k, r0, r1, c0, c1 = _tile(it, NB, R, W, M, C)
+        ce = center[c0:c1]
+        sc = scale[c0:c1]
+        sh = shift[c0:c1]
         for r in range(r0, r1):
-            for c in range(c0, c1):
-                v = (x[r, c] - center[c]) * scale[c] + shift[c]
+            xr = x[r, c0:c1]
+            yr = y[r, c0:c1]
+            for c in range(xr.shape[0]):
+                v = (xr[c] - ce[c]) * sc[c] + sh[c]
                 if v < lo:
                     v = lo
-                y[r, c] = v
+                yr[c] = v
 
 
 @kernel
 def bwd_apply(x, dy, mu, a, b, d, dx, R, W):
     """Elementwise ``dx = a[c] * dy + b[c] * (x - mu[c]) + d[c]``."""
-    M, C = x.shape
-    NB = (C + W - 1) // W
-    K = (M + R - 1) // R
-    for it in numba.prange(K * NB):
+    M, C, NB, items = _tiles(x, R, W)
+    for it in numba.prange(items):
         k, r0, r1, c0, c1 = _tile(it, NB, R, W, M, C)
+        m = mu[c0:c1]
+        ac = a[c0:c1]
+        bc = b[c0:c1]
+        dc = d[c0:c1]
         for r in range(r0, r1):
-            for c in range(c0, c1):
-                dx[r, c] = a[c] * dy[r, c] + b[c] * (x[r, c] - mu[c]) + d[c]
+            xr = x[r, c0:c1]
+            gr = dy[r, c0:c1]
+            dr = dx[r, c0:c1]
+            for c in range(xr.shape[0]):
+                dr[c] = ac[c] * gr[c] + bc[c] * (xr[c] - m[c]) + dc[c]

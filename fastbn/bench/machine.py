@@ -91,3 +91,52 @@ def _jsonable(v):
     if isinstance(v, (list, tuple)):
         return [_jsonable(x) for x in v]
     return str(v)
+
+
+def _proc_stat_busy() -> tuple[float, float] | None:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat (Linux)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as fh:
+            fields = fh.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    vals = [float(v) for v in fields[1:]]
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0.0)  # idle + iowait
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total = sum(vals[:8])
+    return (total - idle) / hz, total / hz
+
+
+class OtherLoad:
+    """How busy *other* processes kept the CPUs while we ran.
+
+    Parallel kernels on a machine where another process holds a core stall at every barrier for
+    a scheduler time slice (milliseconds), which swamps microsecond-scale timings. The bench
+    reports this so a noisy run is recognisable as such.
+    """
+
+    def __init__(self):
+        self._start = None
+
+    def start(self) -> "OtherLoad":
+        self._start = (_proc_stat_busy(), os.times(), os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
+        return self
+
+    def stop(self) -> dict:
+        if self._start is None:
+            return {}
+        (b0, t0), ours0, load0 = (self._start[0] or (None, None)), self._start[1], self._start[2]
+        now = _proc_stat_busy()
+        ours1 = os.times()
+        out = {"loadavg_1min_at_start": load0}
+        if b0 is None or now is None:
+            return out
+        b1, t1 = now
+        cores = max(os.cpu_count() or 1, 1)
+        span = (t1 - t0) / cores  # wall seconds, measured in the same clock as busy time
+        ours = (ours1.user - ours0.user) + (ours1.system - ours0.system)
+        others = max(0.0, (b1 - b0) - ours)
+        out["others_cpu_fraction"] = others / (span * cores) if span > 0 else None
+        return out

@@ -1,0 +1,784 @@
+"""``python -m fastbn bench``: fastbn against PyTorch, NumPy (and ONNX Runtime) on the shape suite.
+
+Method (shared/PERFORMANCE.md):
+
+* Every contender is called once untimed first (fastbn compiles on its first call), then timed
+  calls run round-robin -- fastbn, PyTorch, NumPy, [ONNX Runtime,] copy, fastbn, PyTorch, ... --
+  so machine drift hits every contender alike. Medians are reported.
+* The number of timed calls adapts to a time budget: each contender gets
+  ``clamp(budget / warm time, min_repeat, repeat)`` calls, so small shapes get many samples and
+  slow baselines do not blow the run time.
+* The roofline is a parallel copy of the same tensor timed in the same rounds: an op that must move
+  k·B bytes (2 inference, 3 forward-train, 5 backward, 1 stats) has roofline time
+  ``copy × k / 2``; roofline fraction = roofline time / fastbn time (1.0 = at the memory limit;
+  tensors that fit in cache can exceed it).
+* Every contender's first result is checked against NumPy's, so a fast wrong answer cannot pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import suite as _suite
+from .contenders import TITLES, Unavailable, compare, make_inputs, prepare, tolerance, torch_layout
+from .suite import OP_BYTES, OP_TITLES, ShapeSpec
+
+__all__ = ["main", "build_parser", "run", "CaseResult", "format_table", "to_json"]
+
+DEFAULT_REPEAT = 100
+DEFAULT_BUDGET = 0.3
+QUICK_REPEAT = 10
+QUICK_BUDGET = 0.03
+MIN_REPEAT = 3
+JSON_FORMAT = 1
+NOISY_LOAD = 0.10  # warn when other processes used more than this share of the CPUs
+
+_EPILOG = """\
+examples:
+  python -m fastbn bench                          # the whole suite, every op (~2-3 min on 2 cores)
+  python -m fastbn bench --quick                  # CI subset, well under 30 s
+  python -m fastbn bench --shapes resnet_56,nhwc --ops train,backward --threads 1
+  python -m fastbn bench --shapes 8,16,32,32:1,64,3,224,224:1:float64
+  python -m fastbn bench --json bench.json --plot bench.png
+  python scripts/make_readme_table.py bench.json  # markdown table for the README
+
+shapes: suite names (see --list), 'all', 'quick', or ad-hoc N,C,H,W:axis[:dtype]; entries are
+comma-separated and may be mixed (an ad-hoc shape is a run of integers closed by ':axis').
+"""
+
+
+class BenchError(Exception):
+    """A user-facing error: printed as 'fastbn bench: error: ...' with exit status 2."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m fastbn bench",
+        description="Time fastbn against PyTorch, NumPy (and ONNX Runtime) on the public shape "
+        "suite, with each op's fraction of the memory-bandwidth roofline.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="threads for fastbn, the copy, PyTorch and ONNX Runtime (default: "
+                        "fastbn's current setting, i.e. all cores unless NUMBA_NUM_THREADS)")
+    p.add_argument("--shapes", action="append", metavar="LIST",
+                   help="suite names and/or ad-hoc N,C,H,W:axis[:dtype] shapes, comma-separated "
+                        "(default: the whole suite; with --quick: %s)" % ",".join(_suite.QUICK))
+    p.add_argument("--ops", metavar="LIST",
+                   help="comma-separated subset of %s (default: all)" % ",".join(_suite.OPS))
+    p.add_argument("--dtype", metavar="DTYPE",
+                   help="float32 or float64: override every shape's dtype")
+    p.add_argument("--repeat", type=int, metavar="N",
+                   help=f"at most N timed calls per contender per case (default {DEFAULT_REPEAT}; "
+                        f"{QUICK_REPEAT} with --quick); fewer when --budget is used up, never "
+                        f"fewer than {MIN_REPEAT} (or N if smaller)")
+    p.add_argument("--budget", type=float, metavar="SECONDS",
+                   help=f"time to spend per contender per case (default {DEFAULT_BUDGET}; "
+                        f"{QUICK_BUDGET} with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="a small subset with a small budget, for CI (under 30 s)")
+    p.add_argument("--json", metavar="PATH", help="write every figure plus machine info as JSON")
+    p.add_argument("--plot", metavar="PATH",
+                   help="write a PNG chart of speedups and roofline fractions (needs matplotlib)")
+    p.add_argument("--out", action="store_true", dest="preallocate",
+                   help="let fastbn write into a preallocated out= buffer (the other contenders "
+                        "always allocate)")
+    p.add_argument("--no-torch", action="store_true", help="leave PyTorch out even if installed")
+    p.add_argument("--no-onnx", action="store_true",
+                   help="leave ONNX Runtime out even if installed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random inputs (default 0)")
+    p.add_argument("--list", action="store_true", help="print the shape suite and exit")
+    return p
+
+
+@dataclass
+class Options:
+    shapes: list
+    ops: tuple
+    threads: int | None
+    repeat: int
+    budget: float
+    quick: bool
+    json_path: str | None
+    plot_path: str | None
+    preallocate: bool
+    torch: bool
+    onnx: bool
+    progress: bool
+    seed: int
+    argv: list = field(default_factory=list)
+
+
+def parse_options(argv: list[str]) -> Options:
+    args = build_parser().parse_args(argv)
+    if args.list:
+        raise _ListSuite()
+    try:
+        shapes = _suite.parse_shapes(";".join(args.shapes) if args.shapes else None, quick=args.quick)
+        ops = _suite.parse_ops(args.ops)
+        dtype = _suite.parse_dtype(args.dtype) if args.dtype else None
+    except ValueError as exc:
+        raise BenchError(str(exc)) from None
+    if dtype:
+        shapes = list(dict.fromkeys(s.with_dtype(dtype) for s in shapes))
+    repeat = args.repeat if args.repeat is not None else (QUICK_REPEAT if args.quick else DEFAULT_REPEAT)
+    budget = args.budget if args.budget is not None else (QUICK_BUDGET if args.quick else DEFAULT_BUDGET)
+    if repeat < 1:
+        raise BenchError(f"--repeat must be at least 1, got {repeat}")
+    if not budget >= 0:
+        raise BenchError(f"--budget must be >= 0 seconds, got {budget}")
+    if args.threads is not None and args.threads < 1:
+        raise BenchError(f"--threads must be at least 1, got {args.threads}")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise BenchError(
+                "--plot needs matplotlib, which is not installed: pip install matplotlib "
+                "(or pip install 'fastbn[bench]')") from None
+    for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
+        if path:
+            parent = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(parent):
+                raise BenchError(f"{flag} {path}: directory {parent} does not exist")
+    return Options(
+        shapes=shapes, ops=ops, threads=args.threads, repeat=repeat, budget=budget,
+        quick=args.quick, json_path=args.json, plot_path=args.plot,
+        preallocate=args.preallocate, torch=not args.no_torch, onnx=not args.no_onnx,
+        progress=not args.no_progress, seed=args.seed, argv=list(argv),
+    )
+
+
+class _ListSuite(Exception):
+    pass
+
+
+def _print_suite() -> None:
+    print(f"{'name':<14} {'shape':<22} {'axis':>4}  dtype     MiB   quick")
+    for s in _suite.SUITE:
+        q = "yes" if s.name in _suite.QUICK else ""
+        print(f"{s.name:<14} {str(s.shape):<22} {s.axis:>4}  {s.dtype:<8} {s.nbytes / 2**20:5.1f}   {q}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Progress
+
+
+class _SimpleBar:
+    """A stderr progress bar for when tqdm is not installed (tqdm is not a core dependency)."""
+
+    def __init__(self, total: int, stream=None):
+        self.total, self.n, self.stream = total, 0, stream or sys.stderr
+        self.tty = getattr(self.stream, "isatty", lambda: False)()
+        self.t0 = time.perf_counter()
+        self.desc = ""
+
+    def set_description(self, desc: str) -> None:
+        self.desc = desc
+        if self.tty:
+            self._draw()
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+        self._draw(final_line=not self.tty)
+
+    def _draw(self, final_line: bool = False) -> None:
+        width = 28
+        filled = int(width * self.n / max(self.total, 1))
+        bar = "#" * filled + "." * (width - filled)
+        msg = f"[{bar}] {self.n}/{self.total} {time.perf_counter() - self.t0:5.1f}s {self.desc}"
+        if self.tty:
+            self.stream.write("\r" + msg[:120].ljust(120))
+        else:
+            self.stream.write(msg + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class _NoBar:
+    def set_description(self, desc):
+        pass
+
+    def update(self, k=1):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _SimpleBar(total)
+    return tqdm(total=total, file=sys.stderr, unit="case", dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]")
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+
+
+@dataclass
+class CaseResult:
+    spec: ShapeSpec
+    op: str
+    samples: dict = field(default_factory=dict)   # contender -> list of seconds
+    skipped: dict = field(default_factory=dict)   # contender -> reason
+    errors: dict = field(default_factory=dict)    # contender -> exception text
+    check: dict = field(default_factory=dict)     # contender -> max relative diff vs NumPy
+    notes: dict = field(default_factory=dict)     # contender -> layout / settings note
+    warm_s: dict = field(default_factory=dict)    # contender -> first (untimed) call in seconds
+
+    def median(self, name: str) -> float | None:
+        s = self.samples.get(name)
+        return statistics.median(s) if s else None
+
+    @property
+    def bytes_moved(self) -> int:
+        return OP_BYTES[self.op] * self.spec.nbytes
+
+    @property
+    def roofline_s(self) -> float | None:
+        c = self.median("copy")
+        return None if c is None else c * OP_BYTES[self.op] / 2
+
+    @property
+    def roofline_fraction(self) -> float | None:
+        r, f = self.roofline_s, self.median("fastbn")
+        return None if r is None or not f else r / f
+
+    def speedup(self, peer: str) -> float | None:
+        f, p = self.median("fastbn"), self.median(peer)
+        return None if not f or p is None else p / f
+
+    def check_failed(self, name: str) -> bool:
+        d = self.check.get(name)
+        return d is not None and not d <= tolerance(self.spec.dtype)
+
+
+def _time_round_robin(fns: dict, *, budget: float, repeat: int, result: CaseResult) -> dict:
+    """Warm every callable up, then time them interleaved. Returns each one's first result."""
+    first: dict = {}
+    per_call: dict = {}
+    for name, fn in list(fns.items()):
+        try:
+            t0 = time.perf_counter()
+            first[name] = fn()
+            t1 = time.perf_counter()
+            # The first call may compile or fault in pages; a second one estimates the steady cost
+            # unless the first alone already used the budget.
+            est = t1 - t0
+            if est < budget:
+                t0 = time.perf_counter()
+                r = fn()
+                est = time.perf_counter() - t0
+                del r
+        except Exception as exc:  # a contender failing must not take the whole run down
+            result.errors[name] = f"{type(exc).__name__}: {exc}"
+            del fns[name]
+            continue
+        result.warm_s[name] = t1 - t0
+        per_call[name] = max(est, 1e-9)
+    lo = min(MIN_REPEAT, repeat)
+    counts = {n: max(lo, min(repeat, math.ceil(budget / t))) for n, t in per_call.items()}
+    samples = {n: [] for n in fns}
+    clock = time.perf_counter
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for rnd in range(max(counts.values(), default=0)):
+            for name, fn in fns.items():
+                if rnd >= counts[name]:
+                    continue
+                t0 = clock()
+                r = fn()
+                t = clock() - t0
+                del r  # freeing the output is not timed, for any contender
+                samples[name].append(t)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    result.samples.update(samples)
+    return first
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class RunResult:
+    options: Options
+    cases: list
+    machine: dict
+    peers: dict          # contender -> None (available) or reason it is missing
+    threads: int
+    elapsed_s: float
+    started: str
+
+
+def _setup_threads(fb, threads: int | None) -> int:
+    import numba
+
+    if threads is not None:
+        top = numba.config.NUMBA_NUM_THREADS
+        if threads > top:
+            raise BenchError(
+                f"--threads {threads}: Numba was started with at most {top} threads "
+                f"(NUMBA_NUM_THREADS); set NUMBA_NUM_THREADS={threads} to allow more")
+        setter = getattr(fb, "set_num_threads", None)
+        if callable(setter):
+            setter(threads)
+        numba.set_num_threads(threads)  # the copy kernel runs on Numba's pool too
+    getter = getattr(fb, "get_num_threads", None)
+    n = getter() if callable(getter) else numba.get_num_threads()
+    if n != numba.get_num_threads():  # keep the copy on the same number of threads as fastbn
+        numba.set_num_threads(n)
+    return int(n)
+
+
+def run(opts: Options, *, log=None) -> RunResult:
+    """Run the benchmark described by ``opts`` and return every figure."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    t_start = time.perf_counter()
+    try:
+        import fastbn as fb
+    except ImportError as exc:
+        raise BenchError(f"cannot import fastbn: {exc}") from None
+    from ._copy import parallel_copy
+
+    threads = _setup_threads(fb, opts.threads)
+    from .machine import OtherLoad, machine_info
+
+    load = OtherLoad().start()
+
+    peers: dict = {}
+    torch = None
+    if opts.torch:
+        try:
+            import torch  # noqa: F811
+
+            torch.set_num_threads(threads)
+            peers["torch"] = None
+        except ImportError as exc:
+            peers["torch"] = f"PyTorch is not installed ({exc})"
+    else:
+        peers["torch"] = "left out (--no-torch)"
+    if "infer" in opts.ops:
+        if opts.onnx:
+            try:
+                import onnx  # noqa: F401
+                import onnxruntime  # noqa: F401
+
+                peers["onnxruntime"] = None
+            except ImportError as exc:
+                peers["onnxruntime"] = f"onnxruntime/onnx not installed ({exc})"
+        else:
+            peers["onnxruntime"] = "left out (--no-onnx)"
+    contenders = ["fastbn"] + [p for p in ("torch",) if peers.get("torch") is None] + ["numpy"]
+    if peers.get("onnxruntime") is None and "onnxruntime" in peers:
+        contenders.append("onnxruntime")
+
+    cases: list[CaseResult] = []
+    bar = _progress(len(opts.shapes) * len(opts.ops), opts.progress)
+    try:
+        for spec in opts.shapes:
+            bar.set_description(f"{spec.name} inputs")
+            inp = make_inputs(spec, seed=opts.seed, backward="backward" in opts.ops)
+            x = inp["x"]
+            dst = np.empty_like(x)
+            dst.fill(0)
+            copy_fn = lambda: parallel_copy(x, dst)  # noqa: E731
+            for op in opts.ops:
+                bar.set_description(f"{spec.name} {op}")
+                res = CaseResult(spec, op)
+                fns = {}
+                conv = {}
+                for name in contenders:
+                    try:
+                        p = prepare(name, op, spec, inp, threads=threads, out=opts.preallocate)
+                    except Unavailable as exc:
+                        res.skipped[name] = str(exc)
+                        continue
+                    except Exception as exc:
+                        res.errors[name] = f"{type(exc).__name__}: {exc}"
+                        continue
+                    fns[name], conv[name] = p.fn, p.to_numpy
+                    if p.note:
+                        res.notes[name] = p.note
+                fns["copy"] = copy_fn
+                first = _time_round_robin(fns, budget=opts.budget, repeat=opts.repeat, result=res)
+                _check(res, first, conv)
+                del first
+                cases.append(res)
+                bar.update(1)
+            del inp, x, dst, copy_fn
+            gc.collect()
+    finally:
+        bar.close()
+
+    machine = machine_info(fastbn_module=fb, torch_module=torch)
+    machine["load"] = load.stop()
+    return RunResult(opts, cases, machine, peers, threads, time.perf_counter() - t_start, started)
+
+
+def _check(res: CaseResult, first: dict, conv: dict) -> None:
+    if "numpy" not in first:
+        return
+    ref = conv["numpy"](first["numpy"])
+    for name, out in first.items():
+        if name in ("numpy", "copy") or name not in conv:
+            continue
+        try:
+            res.check[name] = compare(conv[name](out), ref)
+        except Exception as exc:
+            res.errors[name] = f"result check failed: {type(exc).__name__}: {exc}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Output
+
+
+def fmt_time(seconds: float | None) -> str:
+    """Milliseconds, or microseconds under 1 ms (per-call overhead dominates there)."""
+    if seconds is None:
+        return "-"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} us"
+    return f"{seconds * 1e3:.2f} ms"
+
+
+def _fmt_ratio(r: float | None, suffix: str = "x") -> str:
+    if r is None:
+        return "-"
+    return f"{r:.2f}{suffix}" if r < 100 else f"{r:.0f}{suffix}"
+
+
+def geomean(values) -> float | None:
+    vals = [v for v in values if v is not None and v > 0 and math.isfinite(v)]
+    if not vals:
+        return None
+    return math.exp(sum(math.log(v) for v in vals) / len(vals))
+
+
+def summarize(cases: list) -> dict:
+    """Per-op geometric means of the speedups and roofline fractions."""
+    out = {}
+    for op in _suite.OPS:
+        cs = [c for c in cases if c.op == op]
+        if not cs:
+            continue
+        out[op] = {
+            "cases": len(cs),
+            "speedup_vs_torch": geomean(c.speedup("torch") for c in cs),
+            "speedup_vs_numpy": geomean(c.speedup("numpy") for c in cs),
+            "speedup_vs_onnxruntime": geomean(c.speedup("onnxruntime") for c in cs),
+            "roofline_fraction": geomean(c.roofline_fraction for c in cs),
+        }
+    return out
+
+
+def _table(headers, rows, align) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if a == "<" else c.rjust(w)
+                         for c, w, a in zip(cells, widths, align)).rstrip()
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), sep] + [line(r) for r in rows])
+
+
+def _torch_layout_note(cases) -> str | None:
+    by_layout: dict = {}
+    for c in cases:
+        if c.spec.channel_axis != 1:
+            by_layout.setdefault(torch_layout(c.spec)[1], []).append(c.spec.name)
+    if not by_layout:
+        return None
+    parts = [f"{lay} for {', '.join(dict.fromkeys(names))}" for lay, names in by_layout.items()]
+    return ("PyTorch layout for channels not on axis 1: " + "; ".join(parts)
+            + " (the NumPy array's memory viewed through .permute, no copy)")
+
+
+def format_table(rr: RunResult) -> str:
+    cases = rr.cases
+    has_torch = rr.peers.get("torch") is None
+    has_ort = "onnxruntime" in rr.peers and rr.peers["onnxruntime"] is None
+    headers = ["shape", "op", "fastbn", "PyTorch", "NumPy", "vs PyTorch", "vs NumPy", "roofline"]
+    align = ["<", "<", ">", ">", ">", ">", ">", ">"]
+    if has_ort:
+        headers.append("ONNX RT")
+        align.append(">")
+    rows = []
+    flagged = []
+    last = None
+    for c in cases:
+        label = c.spec.label() if c.spec != last else ""
+        last = c.spec
+        cells = [label, OP_TITLES[c.op]]
+        for name in ("fastbn", "torch", "numpy"):
+            if name in c.errors:
+                cell = "ERROR"
+            elif name == "torch" and not has_torch:
+                cell = "n/a"
+            else:
+                cell = fmt_time(c.median(name))
+                if c.check_failed(name):
+                    cell += " !"
+                    flagged.append((c, name))
+            cells.append(cell)
+        cells.append(_fmt_ratio(c.speedup("torch")) if has_torch else "n/a")
+        cells.append(_fmt_ratio(c.speedup("numpy")))
+        rf = c.roofline_fraction
+        cells.append("-" if rf is None else f"{rf:.2f}")
+        if has_ort:
+            if "onnxruntime" in c.errors:
+                cells.append("ERROR")
+            elif c.median("onnxruntime") is not None:
+                cell = fmt_time(c.median("onnxruntime"))
+                if c.check_failed("onnxruntime"):
+                    cell += " !"
+                    flagged.append((c, "onnxruntime"))
+                cells.append(cell)
+            else:
+                cells.append("")
+        rows.append(cells)
+    out = [_table(headers, rows, align)]
+
+    summ = summarize(cases)
+    g_headers = ["geometric mean", "cases", "vs PyTorch", "vs NumPy", "roofline"]
+    g_rows = []
+    for op, s in summ.items():
+        g_rows.append([OP_TITLES[op], str(s["cases"]),
+                       _fmt_ratio(s["speedup_vs_torch"]) if has_torch else "n/a",
+                       _fmt_ratio(s["speedup_vs_numpy"]),
+                       "-" if s["roofline_fraction"] is None else f"{s['roofline_fraction']:.2f}"])
+    out += ["", _table(g_headers, g_rows, ["<", ">", ">", ">", ">"])]
+
+    notes = []
+    if not has_torch:
+        notes.append(f"PyTorch column missing: {rr.peers['torch']}. "
+                     "Install it for the comparison: pip install 'fastbn[bench]'.")
+    else:
+        notes.append("PyTorch: torch.ops.aten.native_batch_norm / native_batch_norm_backward "
+                     "(kernels only, no autograd); stats: torch.var_mean(correction=0).")
+        lay = _torch_layout_note(cases)
+        if lay:
+            notes.append(lay + ".")
+    if "onnxruntime" in rr.peers:
+        if has_ort:
+            notes.append("ONNX RT: one-node BatchNormalization model, inference only, NCHW only "
+                         "(blank for channels-last shapes), intra-op spinning off.")
+        else:
+            notes.append(f"ONNX RT column missing: {rr.peers['onnxruntime']}.")
+    notes.append("times are medians of interleaved calls after an untimed warm-up call; "
+                 "vs X = X time / fastbn time (>1: fastbn faster).")
+    notes.append("roofline = parallel-copy time x bytes/2B (infer 2B, train 3B, backward 5B, "
+                 "stats 1B); fraction = roofline / fastbn time (cache-resident tensors can "
+                 "exceed 1).")
+    if rr.options.preallocate:
+        notes.append("fastbn wrote into preallocated out= buffers (--out).")
+    others = rr.machine.get("load", {}).get("others_cpu_fraction")
+    if others is not None and others > NOISY_LOAD:
+        notes.append(f"! other processes used {others:.0%} of the CPUs during this run: parallel "
+                     "code stalls at every barrier when a core is taken, so these timings are "
+                     "unreliable. Rerun on an idle machine (or compare at --threads 1).")
+    for c, name in flagged:
+        notes.append(f"! {TITLES[name]} differs from NumPy on {c.spec.name} {c.op}: "
+                     f"max relative difference {c.check[name]:.2e} "
+                     f"(tolerance {tolerance(c.spec.dtype):.0e}).")
+    for c in cases:
+        for name, err in c.errors.items():
+            notes.append(f"ERROR {TITLES.get(name, name)} on {c.spec.name} {c.op}: {err}")
+    m = rr.machine
+    notes.append(
+        f"machine: {m.get('cpu')}, {m.get('available_cores')} cores; threads {rr.threads} "
+        f"(Numba threading layer {m.get('threading_layer')}); fastbn {m.get('fastbn')}, "
+        f"numba {m.get('numba')}, numpy {m.get('numpy')}"
+        + (f", torch {m['torch']}" if m.get("torch") else "")
+        + (f", onnxruntime {m['onnxruntime']}" if has_ort and m.get("onnxruntime") else "")
+        + f"; {len(cases)} cases in {rr.elapsed_s:.1f} s.")
+    out += [""] + ["note: " + n if not n.startswith(("!", "ERROR")) else n for n in notes]
+    return "\n".join(out)
+
+
+def _num(v):
+    if v is None:
+        return None
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def command_line(argv: list[str]) -> str:
+    return "python -m fastbn bench" + ("" if not argv else " " + shlex.join(argv))
+
+
+def to_json(rr: RunResult) -> dict:
+    """Every figure of the run, plus configuration and machine info (the ``--json`` document)."""
+    o = rr.options
+    results = []
+    for c in rr.cases:
+        times = {}
+        for name, s in c.samples.items():
+            if not s:
+                continue
+            times[name] = {
+                "median_s": statistics.median(s),
+                "min_s": min(s),
+                "mean_s": statistics.fmean(s),
+                "stdev_s": statistics.stdev(s) if len(s) > 1 else 0.0,
+                "n": len(s),
+                "warmup_s": c.warm_s.get(name),
+                "samples_s": s,
+            }
+        results.append({
+            "shape": c.spec.as_dict(),
+            "label": c.spec.label(),
+            "op": c.op,
+            "bytes_moved": c.bytes_moved,
+            "bytes_moved_per_B": OP_BYTES[c.op],
+            "torch_layout": torch_layout(c.spec)[1] if "torch" in c.samples else None,
+            "times": times,
+            "fastbn_s": c.median("fastbn"),
+            "torch_s": c.median("torch"),
+            "numpy_s": c.median("numpy"),
+            "onnxruntime_s": c.median("onnxruntime"),
+            "copy_s": c.median("copy"),
+            "speedup_vs_torch": _num(c.speedup("torch")),
+            "speedup_vs_numpy": _num(c.speedup("numpy")),
+            "speedup_vs_onnxruntime": _num(c.speedup("onnxruntime")),
+            "roofline_s": c.roofline_s,
+            "roofline_fraction": _num(c.roofline_fraction),
+            "check_max_rel_diff": {k: _num(v) if v is not None and math.isfinite(v) else "inf"
+                                   for k, v in c.check.items()},
+            "check_ok": not any(c.check_failed(n) for n in c.check),
+            "skipped": c.skipped,
+            "errors": c.errors,
+            "notes": c.notes,
+        })
+    return {
+        "format": JSON_FORMAT,
+        "tool": "fastbn.bench",
+        "command": command_line(o.argv),
+        "argv": o.argv,
+        "started": rr.started,
+        "elapsed_s": rr.elapsed_s,
+        "config": {
+            "threads": rr.threads,
+            "repeat": o.repeat,
+            "min_repeat": MIN_REPEAT,
+            "budget_s": o.budget,
+            "quick": o.quick,
+            "ops": list(o.ops),
+            "shapes": [s.as_dict() for s in o.shapes],
+            "preallocate_out": o.preallocate,
+            "seed": o.seed,
+            "eps": 1e-5,
+        },
+        "machine": rr.machine,
+        "peers": {k: {"available": v is None, "reason": v} for k, v in rr.peers.items()},
+        "method": {
+            "timing": "untimed warm-up call, then round-robin timed calls; medians",
+            "torch": "torch.ops.aten.native_batch_norm / native_batch_norm_backward; "
+                     "torch.var_mean(correction=0) for stats",
+            "numpy": "plain vectorised NumPy",
+            "copy": "numba parallel prange copy of the flat tensor into a preallocated buffer",
+            "roofline": "copy_s * bytes_moved_per_B / 2; fraction = roofline_s / fastbn_s",
+        },
+        "results": results,
+        "geomean": summarize(rr.cases),
+    }
+
+
+def _write_json(doc: dict, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(doc, fh, indent=1, allow_nan=False, default=str)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fastbn bench ARGS``; returns the exit status.
+
+    0: ran, every fastbn result matched NumPy. 1: ran, but fastbn raised or disagreed with NumPy
+    somewhere (see the notes under the table). 2: bad arguments or fastbn cannot run.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        opts = parse_options(argv)
+    except SystemExit as exc:  # argparse: --help, or a usage error it already printed
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    except _ListSuite:
+        _print_suite()
+        return 0
+    except BenchError as exc:
+        print(f"fastbn bench: error: {exc}", file=sys.stderr)
+        return 2
+
+    print(f"fastbn bench: {len(opts.shapes)} shape(s) x {len(opts.ops)} op(s), "
+          f"budget {opts.budget:g} s and at most {opts.repeat} timed calls per contender",
+          flush=True)
+    try:
+        rr = run(opts)
+    except BenchError as exc:
+        print(f"fastbn bench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastbn bench: interrupted", file=sys.stderr)
+        return 130
+
+    print(format_table(rr), flush=True)
+    doc = None
+    if opts.json_path:
+        doc = to_json(rr)
+        _write_json(doc, opts.json_path)
+        print(f"wrote {opts.json_path}")
+    if opts.plot_path:
+        from .plot import plot_results
+
+        plot_results(doc or to_json(rr), opts.plot_path)
+        print(f"wrote {opts.plot_path}")
+
+    bad = [c for c in rr.cases if "fastbn" in c.errors or c.check_failed("fastbn")]
+    if bad:
+        print(f"fastbn bench: {len(bad)} case(s) where fastbn failed or disagreed with NumPy "
+              "(see the notes above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
