@@ -78,8 +78,27 @@ class Plan:
         return scratch, finish
 
 
+_PLANS = {}
+_PLANS_MAX = 256
+
+
 def plan(x, axis):
-    """Plan the kernel view for ``x`` reduced over every axis except ``axis`` (normalised)."""
+    """Plan the kernel view for ``x`` reduced over every axis except ``axis`` (normalised).
+
+    Plans depend on shape, strides and axis only; they are memoised because planning costs
+    more than the whole kernel on small tensors.
+    """
+    key = (x.shape, x.strides, axis)
+    p = _PLANS.get(key)
+    if p is None:
+        p = _plan(x, axis)
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[key] = p
+    return p
+
+
+def _plan(x, axis):
     p = Plan()
     shape = x.shape
     strides = x.strides
