@@ -188,57 +188,108 @@ def _fuse(p, x):
 # ----------------------------------------------------------------------------- kernel drivers
 
 
+def _cl_parts(arrays, C):
+    """Split same-shaped channels-last views ``(M, C)`` into kernel-friendly parts.
+
+    With few channels an inner loop across ``C`` is too short to vectorise, so ``P`` rows are
+    viewed as one row of ``P * C`` values (channel of column ``j``: ``j % C``) and the
+    per-channel parameters are tiled ``P`` times.  Rows left over go in a second, narrow part.
+    Returns ``[(views, P), ...]``.
+    """
+    if C >= 16:
+        return [(arrays, 1)]
+    P = -(-64 // C)
+    M = arrays[0].shape[0]
+    Mw = M - M % P
+    if Mw == 0:
+        return [(arrays, 1)]
+    wide = []
+    for a in arrays:
+        v = _layout._reshape_nocopy(a[:Mw], (Mw // P, P * C))
+        if v is None:
+            return [(arrays, 1)]
+        wide.append(v)
+    parts = [(tuple(wide), P)]
+    if Mw < M:
+        parts.append((tuple(a[Mw:] for a in arrays), 1))
+    return parts
+
+
+def _reduce(p, name, arrays, params):
+    """Run the partial-reduction kernel ``name`` of the view's family.
+
+    Returns two partial buffers as ``(C, K)`` views and the number of values behind each of the
+    ``K`` partials.  Partials are laid out ``(C, K)`` for channels-first and ``(K, C)`` for
+    channels-last, where each tile owns a contiguous row.
+    """
+    C = p.C
+    x3 = arrays[0]
+    if not p.channels_last:
+        N, _, S = x3.shape
+        K = _cf_chunks(N, C, S)
+        a = np.empty((C, K))
+        b = np.empty((C, K))
+        getattr(_cf, name)(x3.size, *arrays, *params, K, a, b)
+        counts = np.diff(np.arange(K + 1) * (N * S) // K).astype(np.float64)
+        return a, b, counts
+    bufs_a, bufs_b, counts = [], [], []
+    for views, P in _cl_parts(arrays, C):
+        M, Cw = views[0].shape
+        R, W = _cl_tiles(M, Cw, True)
+        K = -(-M // R)
+        a = np.empty((K, Cw))
+        b = np.empty((K, Cw))
+        tiled = params if P == 1 else tuple(np.tile(q, P) for q in params)
+        getattr(_cl, name)(views[0].size, *views, *tiled, R, W, a, b)
+        n = np.full(K, float(R))
+        n[-1] = M - R * (K - 1)
+        bufs_a.append(a.reshape(K * P, C))
+        bufs_b.append(b.reshape(K * P, C))
+        counts.append(np.repeat(n, P))
+    if len(bufs_a) == 1:
+        return bufs_a[0].T, bufs_b[0].T, counts[0]
+    return np.concatenate(bufs_a).T, np.concatenate(bufs_b).T, np.concatenate(counts)
+
+
+def _elementwise(p, name, inputs, params, scalars, out3):
+    """Run the elementwise kernel ``name`` of the view's family: ``out3`` from ``inputs`` and
+    per-channel ``params``."""
+    if not p.channels_last:
+        x3 = inputs[0]
+        getattr(_cf, name)(x3.size, *inputs, *params, *scalars, out3, _cf_flat_items(x3.size))
+        return
+    for views, P in _cl_parts(inputs + (out3,), p.C):
+        M, Cw = views[0].shape
+        R, W = _cl_tiles(M, Cw, False)
+        tiled = params if P == 1 else tuple(np.tile(q, P) for q in params)
+        getattr(_cl, name)(views[0].size, *views[:-1], *tiled, *scalars, views[-1], R, W)
+
+
+def _merged_sums(a):
+    out = np.empty(a.shape[0])
+    _merge.merge_sums(a.size, a, out)
+    return out
+
+
 def _moments(p, x3, method, ddof=0):
     """Per-channel float64 mean and variance (divided by L - ddof) of the kernel view."""
-    C = p.C
-    mean = np.empty(C)
-    var = np.empty(C)
-    size = x3.size
-    if p.channels_last:
-        M = x3.shape[0]
-        R, W = _cl_tiles(M, C, True)
-        K = -(-M // R)
-        counts = np.full(K, float(R))
-        counts[-1] = M - R * (K - 1)
-        family = _cl
-    else:
-        N, _, S = x3.shape
-        L = N * S
-        K = _cf_chunks(N, C, S)
-        edges = np.arange(K + 1) * L // K
-        counts = np.diff(edges).astype(np.float64)
-        family = _cf
-    # Partial buffers are laid out (C, K) for channels-first and (K, C) for channels-last, where
-    # each tile owns a contiguous row; the merges take a (C, K) view either way.
-    a = np.empty((K, C) if p.channels_last else (C, K))
-    b = np.empty_like(a)
-    av, bv = (a.T, b.T) if p.channels_last else (a, b)
-    args = (R, W) if p.channels_last else (K,)
-    L = float(x3.size // C)
+    L = float(x3.size // p.C)
     if method == "two_pass":
-        family.sums(size, x3, np.zeros(C), *args, a, b)
-        _merge.merge_sums(a.size, av, mean)
-        mean /= L
-        family.sums(size, x3, mean, *args, a, b)
-        d1 = np.empty(C)
-        _merge.merge_sums(a.size, av, d1)
-        _merge.merge_sums(b.size, bv, var)
+        a, _, _ = _reduce(p, "sums", (x3,), (np.zeros(p.C),))
+        mean = _merged_sums(a) / L
+        a, b, _ = _reduce(p, "sums", (x3,), (mean,))
+        d1 = _merged_sums(a)
         # The sum of deviations from the computed mean corrects that mean's rounding error.
-        mean += d1 / L
-        var -= d1 * d1 / L
-        var /= L - ddof
-    else:
-        family.moments(size, x3, *args, a, b)
-        _merge.merge_moments(a.size, counts, av, bv, mean, var, float(ddof))
+        return mean + d1 / L, (_merged_sums(b) - d1 * d1 / L) / (L - ddof)
+    a, b, counts = _reduce(p, "moments", (x3,), ())
+    mean = np.empty(p.C)
+    var = np.empty(p.C)
+    _merge.merge_moments(a.size, counts, a, b, mean, var, float(ddof))
     return mean, var
 
 
 def _affine(p, x3, y3, center, scale, shift, lo):
-    if p.channels_last:
-        R, W = _cl_tiles(x3.shape[0], p.C, False)
-        _cl.affine(x3.size, x3, center, scale, shift, lo, y3, R, W)
-    else:
-        _cf.affine(x3.size, x3, center, scale, shift, lo, y3, _cf_flat_items(x3.size))
+    _elementwise(p, "affine", (x3,), (center, scale, shift), (lo,), y3)
 
 
 def _resolve_method(method):
@@ -432,44 +483,19 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
         sgx = np.empty(C)
         _cf.bwd_fused(x3.size, x3, dy3, mu, istd, w, dx3, sg, sgx)
     else:
-        sg, sgx = _bwd_sums(p, x3, dy3, mu)
-        a = w * istd
+        a, b, _ = _reduce(p, "bwd_sums", (x3, dy3), (mu,))
+        sg = _merged_sums(a)
+        sgx = _merged_sums(b)
+        ca = w * istd
         if training:
-            bco = -a * istd * istd * sgx / L
-            dco = -a * sg / L
+            cb = -ca * istd * istd * sgx / L
+            cd = -ca * sg / L
         else:
-            bco = np.zeros(C)
-            dco = bco
-        if p.channels_last:
-            R, W = _cl_tiles(x3.shape[0], C, False)
-            _cl.bwd_apply(x3.size, x3, dy3, mu, a, bco, dco, dx3, R, W)
-        else:
-            _cf.bwd_apply(x3.size, x3, dy3, mu, a, bco, dco, dx3, _cf_flat_items(x3.size))
+            cb = cd = np.zeros(C)
+        _elementwise(p, "bwd_apply", (x3, dy3), (mu, ca, cb, cd), (), dx3)
     if finish is not None:
         finish()
     return dx, (sgx * istd).astype(x.dtype), sg.astype(x.dtype)
-
-
-def _bwd_sums(p, x3, dy3, mu):
-    C = p.C
-    if p.channels_last:
-        R, W = _cl_tiles(x3.shape[0], C, True)
-        K = -(-x3.shape[0] // R)
-        a = np.empty((K, C))
-        b = np.empty((K, C))
-        _cl.bwd_sums(x3.size, x3, dy3, mu, R, W, a, b)
-        a, b = a.T, b.T
-    else:
-        N, _, S = x3.shape
-        K = _cf_chunks(N, C, S)
-        a = np.empty((C, K))
-        b = np.empty((C, K))
-        _cf.bwd_sums(x3.size, x3, dy3, mu, K, a, b)
-    sg = np.empty(C)
-    sgx = np.empty(C)
-    _merge.merge_sums(a.size, a, sg)
-    _merge.merge_sums(b.size, b, sgx)
-    return sg, sgx
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, *, training=False,
