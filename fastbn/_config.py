@@ -220,6 +220,7 @@ def info():
 
     import numpy
 
+    threads = numba.get_num_threads()  # starts the threading layer, so it can be named
     try:
         layer = numba.threading_layer()
     except ValueError:
@@ -241,7 +242,7 @@ def info():
         "numpy": numpy.__version__,
         "numba": numba.__version__,
         "threading_layer": layer,
-        "num_threads": numba.get_num_threads(),
+        "num_threads": threads,
         "max_threads": numba.config.NUMBA_NUM_THREADS,
         "cpu_count": os.cpu_count(),
         "cache_dir": CACHE_DIR or "beside the sources (__pycache__)",
