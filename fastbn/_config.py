@@ -58,10 +58,6 @@ SERIAL_BELOW = 1 << 15
 # the two passes of a per-chunk reduction, large enough that per-item overhead is negligible.
 CHUNK = 1 << 14
 
-# A channel whose whole slab is at most this many bytes is normalised right after its
-# statistics are computed, while it is still in cache (forward and backward read memory once).
-FUSE_BYTES = 512 * 1024
-
 # Fixed number of work items we aim for, independent of the thread count, so that reduction
 # order and hence results do not depend on how many threads run.
 MIN_ITEMS = 64

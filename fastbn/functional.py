@@ -153,11 +153,22 @@ def _require_training_size(x, axis):
 _MIN_ROWS = 32  # channels-last reductions: rows per tile, so partial buffers stay small
 
 
-def _cf_chunks(N, C, S):
-    """Chunks per channel for a channels-first reduction."""
-    L = N * S
-    k = max(-(-_config.MIN_ITEMS // C), -(-L // _config.CHUNK))
-    return max(1, min(k, L // 1024))
+def _cf_tiles(N, C, S, itemsize):
+    """Tile (R rows, W channels, SB positions) for a channels-first reduction.
+
+    Runs longer than a chunk are split along ``S`` so a run stays in cache between the two
+    passes over it; rows per tile keep the partial buffers (16 bytes per channel per tile row)
+    under ~1/32 of the data; channels are split last, only as far as needed for
+    ``MIN_ITEMS`` work items.
+    """
+    chunk = _config.CHUNK
+    KS = -(-S // chunk)
+    SB = -(-S // KS)
+    R = max(1, chunk // (C * SB), -(-512 * KS // (S * itemsize)))
+    R = min(R, N)
+    items = -(-N // R) * KS
+    nb = max(1, min(C, -(-_config.MIN_ITEMS // items)))
+    return R, -(-C // nb), SB
 
 
 def _cl_tiles(M, C, reduce):
@@ -178,11 +189,9 @@ def _cf_flat_items(size):
 
 
 def _fuse(p, x):
-    """Whether channels-first statistics and the elementwise pass run per channel in one go."""
-    N, C, S = p.shape3
-    if N * S * x.itemsize > _config.FUSE_BYTES:
-        return False
-    return C >= 16 or _config.use_serial(x.size)
+    """Whether forward training runs as one kernel call: on small tensors the launches, not
+    the memory traffic, are the cost."""
+    return not p.channels_last and _config.use_serial(x.size)
 
 
 # ----------------------------------------------------------------------------- kernel drivers
@@ -218,20 +227,23 @@ def _cl_parts(arrays, C):
 def _reduce(p, name, arrays, params):
     """Run the partial-reduction kernel ``name`` of the view's family.
 
-    Returns two partial buffers as ``(C, K)`` views and the number of values behind each of the
-    ``K`` partials.  Partials are laid out ``(C, K)`` for channels-first and ``(K, C)`` for
-    channels-last, where each tile owns a contiguous row.
+    Returns two partial buffers as ``(C, K)`` views of ``(K, C)`` arrays (each tile owns a
+    contiguous row) and the number of values behind each of the ``K`` partials.
     """
     C = p.C
     x3 = arrays[0]
     if not p.channels_last:
         N, _, S = x3.shape
-        K = _cf_chunks(N, C, S)
-        a = np.empty((C, K))
-        b = np.empty((C, K))
-        getattr(_cf, name)(x3.size, *arrays, *params, K, a, b)
-        counts = np.diff(np.arange(K + 1) * (N * S) // K).astype(np.float64)
-        return a, b, counts
+        R, W, SB = _cf_tiles(N, C, S, x3.itemsize)
+        KN, KS = -(-N // R), -(-S // SB)
+        a = np.empty((KN * KS, C))
+        b = np.empty_like(a)
+        getattr(_cf, name)(x3.size, *arrays, *params, R, W, SB, a, b)
+        rows = np.full(KN, float(R))
+        rows[-1] = N - R * (KN - 1)
+        lens = np.full(KS, float(SB))
+        lens[-1] = S - SB * (KS - 1)
+        return a.T, b.T, np.outer(rows, lens).ravel()
     bufs_a, bufs_b, counts = [], [], []
     for views, P in _cl_parts(arrays, C):
         M, Cw = views[0].shape
@@ -357,7 +369,7 @@ def _train(x, axis, weight, bias, eps, out):
     p = _layout.plan(x, axis)
     x3 = p.as_input(x)
     y3, finish = p.output(y)
-    if not p.channels_last and _fuse(p, x):
+    if _fuse(p, x):
         mean = np.empty(C)
         var = np.empty(C)
         _cf.train_fused(x3.size, x3, w, b, eps, y3, mean, var)
@@ -478,21 +490,16 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
     x3 = p.as_input(x)
     dy3 = p.as_input(dy)
     dx3, finish = p.output(dx)
-    if training and not p.channels_last and _fuse(p, x):
-        sg = np.empty(C)
-        sgx = np.empty(C)
-        _cf.bwd_fused(x3.size, x3, dy3, mu, istd, w, dx3, sg, sgx)
+    a, b, _ = _reduce(p, "bwd_sums", (x3, dy3), (mu,))
+    sg = _merged_sums(a)
+    sgx = _merged_sums(b)
+    ca = w * istd
+    if training:
+        cb = -ca * istd * istd * sgx / L
+        cd = -ca * sg / L
     else:
-        a, b, _ = _reduce(p, "bwd_sums", (x3, dy3), (mu,))
-        sg = _merged_sums(a)
-        sgx = _merged_sums(b)
-        ca = w * istd
-        if training:
-            cb = -ca * istd * istd * sgx / L
-            cd = -ca * sg / L
-        else:
-            cb = cd = np.zeros(C)
-        _elementwise(p, "bwd_apply", (x3, dy3), (mu, ca, cb, cd), (), dx3)
+        cb = cd = np.zeros(C)
+    _elementwise(p, "bwd_apply", (x3, dy3), (mu, ca, cb, cd), (), dx3)
     if finish is not None:
         finish()
     return dx, (sgx * istd).astype(x.dtype), sg.astype(x.dtype)

@@ -25,7 +25,8 @@ def _copy_flat(src, dst):
 def parallel_copy(src: np.ndarray, dst: np.ndarray) -> None:
     """Copy ``src`` into ``dst`` (same shape and dtype, both C-contiguous) on Numba's threads."""
     if src.shape != dst.shape or src.dtype != dst.dtype:
-        raise ValueError(f"copy: shapes/dtypes differ: {src.shape} {src.dtype} vs {dst.shape} {dst.dtype}")
+        raise ValueError(f"copy: shapes/dtypes differ: {src.shape} {src.dtype} vs "
+                         f"{dst.shape} {dst.dtype}")
     if not (src.flags.c_contiguous and dst.flags.c_contiguous):
         raise ValueError("copy: both arrays must be C-contiguous")
     _copy_flat(src.reshape(-1), dst.reshape(-1))

@@ -38,6 +38,7 @@ __all__ = [
     "make_inputs",
     "prepare",
     "numpy_ops",
+    "reference",
     "torch_layout",
     "load_torch",
     "load_onnxruntime",
@@ -59,7 +60,8 @@ class Prepared:
     """A ready-to-time call and how to read its result back as NumPy arrays.
 
     ``to_numpy(result)`` returns the op's outputs in a fixed order, laid out like the NumPy input:
-    train -> (y, mean, invstd); infer -> (y,); backward -> (dx, dweight, dbias); stats -> (mean, var).
+    train -> (y, mean, invstd); infer -> (y,); backward -> (dx, dweight, dbias);
+    stats -> (mean, var).
     """
 
     fn: Callable[[], Any]
@@ -108,50 +110,65 @@ def _bcast(v: np.ndarray, spec: ShapeSpec) -> np.ndarray:
 # NumPy: the baseline and the oracle for the result check
 
 
-def numpy_ops(spec: ShapeSpec, inp: dict, eps: float = EPS) -> dict[str, Callable[[], tuple]]:
-    """Plain vectorised NumPy for each op (outputs in :class:`Prepared` order)."""
+def numpy_ops(spec: ShapeSpec, inp: dict, eps: float = EPS, *,
+              accumulate=None) -> dict[str, Callable[[], tuple]]:
+    """Plain vectorised NumPy for each op (outputs in :class:`Prepared` order).
+
+    ``accumulate=None`` is the timed baseline: what a NumPy user writes, every reduction in the
+    input dtype. ``accumulate=np.float64`` is the same arithmetic with float64 reductions and
+    float64 results: the oracle every contender's first result is checked against. (NumPy's
+    float32 sums are pairwise only along a contiguous axis; reducing over the leading axes of a
+    channels-last tensor adds row after row, which drifts by ~1e-3 on nhwc_c3.)
+    """
     red = spec.reduce_axes
     x, w, b = inp["x"], inp["weight"], inp["bias"]
-    dtype = x.dtype
+    dtype = x.dtype if accumulate is None else np.dtype(accumulate)
     M = spec.size // spec.channels
     wb, bb = _bcast(w, spec), _bcast(b, spec)
+    acc = {} if accumulate is None else {"dtype": accumulate}
+    epsv = dtype.type(eps)
 
     def train():
-        m = x.mean(axis=red, keepdims=True)
-        v = x.var(axis=red, keepdims=True)
-        invstd = (1.0 / np.sqrt(v + dtype.type(eps))).astype(dtype, copy=False)
+        m = x.mean(axis=red, keepdims=True, **acc)
+        v = x.var(axis=red, keepdims=True, **acc)
+        invstd = (1.0 / np.sqrt(v + epsv)).astype(dtype, copy=False)
         y = (x - m) * (invstd * wb) + bb
         return y, m.reshape(-1), invstd.reshape(-1)
 
     def infer():
-        scale = (w / np.sqrt(inp["running_var"] + dtype.type(eps))).astype(dtype, copy=False)
+        scale = (w.astype(dtype) / np.sqrt(inp["running_var"] + epsv)).astype(dtype, copy=False)
         shift = b - inp["running_mean"] * scale
         y = x * _bcast(scale, spec)
         y += _bcast(shift, spec)
         return (y,)
 
     def stats():
-        return x.mean(axis=red), x.var(axis=red)
+        return x.mean(axis=red, **acc), x.var(axis=red, **acc)
 
     out = {"train": train, "infer": infer, "stats": stats}
 
     if "dy" in inp:
         dy = inp["dy"]
         # The saved statistics a training forward pass hands to backward.
-        m_saved = x.mean(axis=red, keepdims=True)
-        invstd_saved = (1.0 / np.sqrt(x.var(axis=red, keepdims=True) + dtype.type(eps))).astype(
+        m_saved = x.mean(axis=red, keepdims=True, **acc)
+        invstd_saved = (1.0 / np.sqrt(x.var(axis=red, keepdims=True, **acc) + epsv)).astype(
             dtype, copy=False)
 
         def backward():
             xhat = (x - m_saved) * invstd_saved
-            dbias = dy.sum(axis=red)
-            dweight = (dy * xhat).sum(axis=red)
+            dbias = dy.sum(axis=red, **acc)
+            dweight = (dy * xhat).sum(axis=red, **acc)
             k = (wb * invstd_saved) / dtype.type(M)
             dx = k * (M * dy - _bcast(dbias, spec) - xhat * _bcast(dweight, spec))
             return dx.astype(dtype, copy=False), dweight, dbias
 
         out["backward"] = backward
     return out
+
+
+def reference(op: str, spec: ShapeSpec, inp: dict, eps: float = EPS) -> tuple:
+    """The oracle result of ``op``: NumPy with float64 reductions (see :func:`numpy_ops`)."""
+    return tuple(np.asarray(a) for a in numpy_ops(spec, inp, eps, accumulate=np.float64)[op]())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,7 +184,7 @@ def load_torch():
 
 
 def load_onnxruntime():
-    """Import onnxruntime and onnx (both needed to build the model), or raise :class:`Unavailable`."""
+    """Import onnxruntime and onnx (the model is built with onnx), or raise :class:`Unavailable`."""
     try:
         ort = importlib.import_module("onnxruntime")
         onnx = importlib.import_module("onnx")
@@ -359,11 +376,14 @@ def prepare(contender: str, op: str, spec: ShapeSpec, inp: dict, *, eps: float =
 def compare(got: tuple, ref: tuple) -> float:
     """Largest difference between two result tuples, relative to each reference array's max |value|.
 
-    Used to make sure every contender computes the same thing (a benchmark of the wrong function is
-    how asv suites rot). Returns ``inf`` on a shape mismatch or NaN where the reference has none.
+    Used to make sure every contender computes what :func:`reference` does (a benchmark of the
+    wrong function is how asv suites rot). Returns ``inf`` on a shape mismatch, or on NaN where
+    the reference has none.
     """
     worst = 0.0
-    for a, r in zip(got, ref):
+    if len(got) != len(ref):
+        return math.inf
+    for a, r in zip(got, ref, strict=True):
         a = np.asarray(a, dtype=np.float64)
         r = np.asarray(r, dtype=np.float64)
         if a.size != r.size:

@@ -121,7 +121,8 @@ class OtherLoad:
         self._start = None
 
     def start(self) -> "OtherLoad":
-        self._start = (_proc_stat_busy(), os.times(), os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        self._start = (_proc_stat_busy(), os.times(), load)
         return self
 
     def stop(self) -> dict:

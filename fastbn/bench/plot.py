@@ -1,7 +1,7 @@
 """PNG chart of a bench run: speedup vs PyTorch (and NumPy) and roofline fraction per case.
 
-Used by ``python -m fastbn bench --plot PATH``; also ``python -m fastbn.bench.plot RUN.json OUT.png``
-to redraw a saved ``--json`` document. Needs matplotlib (an optional dependency: the ``bench`` extra).
+Used by ``python -m fastbn bench --plot PATH``; ``python -m fastbn.bench.plot RUN.json OUT.png``
+redraws a saved ``--json`` document. Needs matplotlib (optional: the ``bench`` extra).
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def plot_results(doc: dict, path: str) -> None:
     sp = [r.get(key) or 0.0 for r in rows]
     ax1.barh(y, sp, color=colors, height=0.7)
     if has_torch:  # NumPy as a marker on the same axis, for scale
-        npy = [(yy, r["speedup_vs_numpy"]) for yy, r in zip(y, rows) if r.get("speedup_vs_numpy")]
+        npy = [(yy, r["speedup_vs_numpy"]) for yy, r in zip(y, rows, strict=True)
+               if r.get("speedup_vs_numpy")]
         if npy:
             ax1.scatter([v for _, v in npy], [yy for yy, _ in npy], marker="|", color="black",
                         s=60, zorder=3, label="vs NumPy")
@@ -65,7 +66,7 @@ def plot_results(doc: dict, path: str) -> None:
     ax1.set_xlabel(f"speedup vs {peer} (x, higher is better)")
     ax1.set_yticks(y)
     ax1.set_yticklabels(labels, fontsize=8)
-    for yy, v in zip(y, sp):
+    for yy, v in zip(y, sp, strict=True):
         if v:
             ax1.annotate(_ratio(v) + "x", (v, yy), xytext=(2, 0), textcoords="offset points",
                          va="center", fontsize=7)
@@ -78,7 +79,7 @@ def plot_results(doc: dict, path: str) -> None:
     ax2.axvline(1.0, color="black", lw=0.8, ls="--")
     ax2.set_xlabel("fraction of the copy roofline (1.0 = memory-bound limit)")
     ax2.set_xlim(0, top * 1.12)
-    for yy, v in zip(y, rf):
+    for yy, v in zip(y, rf, strict=True):
         if v:
             ax2.annotate(_ratio(v) + (" (clipped)" if v > top else ""), (min(v, top), yy),
                          xytext=(2, 0), textcoords="offset points", va="center", fontsize=7)

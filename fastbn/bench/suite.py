@@ -155,14 +155,16 @@ def parse_ops(text: str | None) -> tuple[str, ...]:
     return tuple(ops)
 
 
-def _adhoc(dims: list[str], axis_text: str | None, dtype_text: str | None, spec_text: str) -> ShapeSpec:
+def _adhoc(dims: list[str], axis_text: str | None, dtype_text: str | None,
+           spec_text: str) -> ShapeSpec:
     try:
         shape = tuple(int(d) for d in dims)
     except ValueError:
         raise ValueError(f"bad ad-hoc shape {spec_text!r}: dimensions must be integers") from None
     if len(shape) < 2 or any(d <= 0 for d in shape):
         raise ValueError(
-            f"bad ad-hoc shape {spec_text!r}: need at least 2 positive dimensions, e.g. 8,16,32,32:1"
+            f"bad ad-hoc shape {spec_text!r}: need at least 2 positive dimensions, "
+            "e.g. 8,16,32,32:1"
         )
     axis = 1
     if axis_text is not None and axis_text.strip():
