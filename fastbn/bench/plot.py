@@ -86,9 +86,12 @@ def plot_results(doc: dict, path: str) -> None:
 
     m = doc.get("machine", {})
     cfg = doc.get("config", {})
-    fig.suptitle(
-        f"fastbn {m.get('fastbn', '?')} · {m.get('cpu', '?')} · {cfg.get('threads', '?')} threads"
-        f" · torch {m.get('torch', 'n/a')} · numba {m.get('numba', '?')}", fontsize=10)
+    title = (f"fastbn {m.get('fastbn', '?')} · {m.get('cpu', '?')} · {cfg.get('threads', '?')} "
+             f"threads · torch {m.get('torch', 'n/a')} · numba {m.get('numba', '?')}")
+    others = (m.get("load") or {}).get("others_cpu_fraction")
+    if others is not None and others > 0.10:
+        title += f"\nwarning: other processes used {others:.0%} of the CPUs during this run"
+    fig.suptitle(title, fontsize=10)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in _OP_COLORS.values()]
     fig.legend(handles, [OP_TITLES[o] for o in _OP_COLORS], loc="lower center", ncol=4,
                fontsize=8, frameon=False)

@@ -82,7 +82,7 @@ class BenchError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m fastbn bench",
-        description="Time fastbn against PyTorch, NumPy (and ONNX Runtime) on the public shape "
+        description="Time fastbn against PyTorch, NumPy (and ONNX Runtime) on the public shape\n"
         "suite, with each op's fraction of the memory-bandwidth roofline.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -1,0 +1,257 @@
+"""``python -m fastbn bench``: the quick run, its JSON and plot, shapes, errors, README table.
+
+The quick run is the README's headline command in small; it runs once per session (module fixture,
+~10-20 s on 2 cores) and the JSON it writes feeds the other checks.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastbn.bench import runner, suite
+from fastbn.bench.contenders import compare, make_inputs, numpy_ops, torch_layout
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+
+
+def run_cli(*args, timeout=300, pre=None):
+    """Run ``python -m fastbn bench ARGS`` from the checkout; ``pre`` is code run before it."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    if pre is None:
+        cmd = [sys.executable, "-m", "fastbn", "bench", *args]
+    else:
+        code = (f"{pre}\nimport sys\nfrom fastbn.bench.runner import main\n"
+                f"sys.exit(main({list(args)!r}))")
+        cmd = [sys.executable, "-c", code]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    js, png = tmp / "quick.json", tmp / "quick.png"
+    args = ["--quick", "--json", str(js), "--no-progress"]
+    if HAS_MPL:
+        args += ["--plot", str(png)]
+    proc = run_cli(*args)
+    assert proc.returncode == 0, f"bench --quick failed:\n{proc.stdout}\n{proc.stderr}"
+    with open(js, encoding="utf-8") as fh:
+        doc = json.load(fh)
+    return proc, doc, js, png
+
+
+def test_quick_prints_table_and_geomeans(quick):
+    proc, doc, _, _ = quick
+    out = proc.stdout
+    for header in ("shape", "op", "fastbn", "PyTorch", "NumPy", "vs PyTorch", "roofline"):
+        assert header in out
+    assert "geometric mean" in out
+    for name in suite.QUICK:
+        assert name in out
+    for title in suite.OP_TITLES.values():
+        assert title in out
+    assert "roofline = parallel-copy time" in out
+
+
+def test_quick_json_has_every_figure(quick):
+    _, doc, _, _ = quick
+    for key in ("format", "command", "config", "machine", "peers", "results", "geomean", "method"):
+        assert key in doc
+    assert doc["command"].startswith("python -m fastbn bench --quick")
+    m = doc["machine"]
+    for key in ("cpu", "available_cores", "python", "numpy", "numba", "threading_layer", "fastbn"):
+        assert key in m, key
+    assert m["threading_layer"]  # known once a parallel kernel ran
+    assert doc["config"]["threads"] >= 1
+    n_cases = len(suite.QUICK) * len(suite.OPS)
+    assert len(doc["results"]) == n_cases
+    for r in doc["results"]:
+        assert r["op"] in suite.OPS
+        assert r["fastbn_s"] > 0 and r["numpy_s"] > 0 and r["copy_s"] > 0
+        assert r["times"]["fastbn"]["n"] >= 3
+        assert len(r["times"]["fastbn"]["samples_s"]) == r["times"]["fastbn"]["n"]
+        assert r["bytes_moved"] == suite.OP_BYTES[r["op"]] * r["shape"]["nbytes"]
+        assert math.isclose(r["roofline_s"], r["copy_s"] * r["bytes_moved_per_B"] / 2)
+        assert math.isclose(r["roofline_fraction"], r["roofline_s"] / r["fastbn_s"])
+        assert r["check_max_rel_diff"]["fastbn"] <= 1e-3, r["check_max_rel_diff"]
+    assert set(doc["geomean"]) == set(suite.OPS)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="PyTorch not installed")
+def test_quick_json_has_pytorch_columns(quick):
+    proc, doc, _, _ = quick
+    assert doc["peers"]["torch"]["available"]
+    assert doc["machine"]["torch"]
+    for r in doc["results"]:
+        assert r["torch_s"] > 0
+        assert r["speedup_vs_torch"] == pytest.approx(r["torch_s"] / r["fastbn_s"])
+        assert r["check_max_rel_diff"]["torch"] <= 1e-3
+        if r["shape"]["axis"] == -1:
+            assert r["torch_layout"] == "channels_last"
+    assert "channels_last for nhwc" in proc.stdout
+    for g in doc["geomean"].values():
+        assert g["speedup_vs_torch"] > 0
+
+
+def test_quick_plot(quick):
+    if not HAS_MPL:
+        pytest.skip("matplotlib not installed: --plot not exercised")
+    _, _, _, png = quick
+    with open(png, "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_readme_table_script(quick):
+    _, doc, js, _ = quick
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "make_readme_table.py"),
+                           str(js)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    md = proc.stdout
+    assert md.lstrip().startswith("| shape")
+    assert "| fastbn" in md and "roofline |" in md
+    rows = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    assert len(rows) >= len(doc["results"]) + 2  # header + cases (+ geometric means)
+    assert "geometric mean" in md.lower()
+    assert doc["command"] in md
+    assert doc["machine"]["cpu"] in md
+
+
+def test_adhoc_shape_runs():
+    proc = run_cli("--shapes", "4,8,16,16:1,mlp", "--ops", "infer,stats", "--repeat", "3",
+                   "--budget", "0", "--no-progress", "--no-onnx")
+    assert proc.returncode == 0, proc.stderr
+    assert "4x8x16x16 (4,8,16,16) ax1 f32" in proc.stdout
+    assert "mlp (256,1024)" in proc.stdout
+
+
+def test_nonsense_shape_fails_clearly():
+    proc = run_cli("--shapes", "nonsense")
+    assert proc.returncode == 2
+    assert "unknown shape 'nonsense'" in proc.stderr
+    assert "8,16,32,32:1" in proc.stderr  # tells the user what would work
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_options_fail_clearly():
+    proc = run_cli("--ops", "train,fly")
+    assert proc.returncode == 2 and "unknown op 'fly'" in proc.stderr
+    proc = run_cli("--dtype", "float16")
+    assert proc.returncode == 2 and "unknown dtype" in proc.stderr
+
+
+def test_runs_without_pytorch():
+    # Hide torch exactly as if it were not installed.
+    proc = run_cli("--shapes", "edge_n1_late", "--ops", "train", "--repeat", "3", "--budget", "0",
+                   "--no-progress", pre="import sys; sys.modules['torch'] = None")
+    assert proc.returncode == 0, proc.stderr
+    assert "PyTorch column missing: PyTorch is not installed" in proc.stdout
+    assert "n/a" in proc.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# In-process checks of the pieces (no subprocess, milliseconds)
+
+
+def test_parse_shapes():
+    P = suite.parse_shapes
+    assert [s.name for s in P(None)] == [s.name for s in suite.SUITE]
+    assert [s.name for s in P(None, quick=True)] == list(suite.QUICK)
+    assert [s.name for s in P("resnet_56,mlp")] == ["resnet_56", "mlp"]
+    s, = P("8,16,32,32:1")
+    assert (s.shape, s.axis, s.dtype) == ((8, 16, 32, 32), 1, "float32")
+    a, b, c = P("8,16,32,32:-1:float64,mlp,2,3")
+    assert (a.shape, a.axis, a.dtype, a.channels) == ((8, 16, 32, 32), -1, "float64", 32)
+    assert b.name == "mlp"
+    assert (c.shape, c.axis) == ((2, 3), 1)  # no ':axis' -> channels on axis 1
+    assert P("resnet_56:f64")[0].dtype == "float64"
+    for bad in ("nonsense", "8,16:7", "0,4:1", "8,x,4:1", "8:1", " , "):
+        with pytest.raises(ValueError):
+            P(bad)
+
+
+def test_scaled_keeps_rank_axis_and_channels():
+    for spec in suite.SUITE:
+        small = suite.scaled(spec, 1 << 14)
+        assert small.ndim == spec.ndim and small.axis == spec.axis and small.dtype == spec.dtype
+        assert small.size <= max(1 << 14, spec.channels)
+        assert small.channels == spec.channels or small.size <= 1 << 14
+
+
+def test_torch_layout_names():
+    assert torch_layout(suite.SUITE_BY_NAME["nhwc"]) == ((0, 3, 1, 2), "channels_last")
+    assert torch_layout(suite.SUITE_BY_NAME["resnet_56"])[1] == "contiguous"
+    assert torch_layout(suite.ShapeSpec("x", (2, 3, 4, 5, 6), -1))[1] == "channels_last_3d"
+    assert torch_layout(suite.ShapeSpec("x", (2, 3, 4), -1)) == ((0, 2, 1), "permuted view")
+    assert torch_layout(suite.ShapeSpec("x", (6, 5), 0)) == ((1, 0), "permuted view")
+
+
+def test_numpy_baseline_matches_float64_reference():
+    spec = suite.ShapeSpec("t", (3, 4, 5, 6), -1, "float64")
+    inp = make_inputs(spec)
+    ops = numpy_ops(spec, inp)
+    x = inp["x"]
+    red = spec.reduce_axes
+    m, v = x.mean(axis=red), x.var(axis=red)
+    assert compare(ops["stats"](), (m, v)) < 1e-12
+    y, mean, invstd = ops["train"]()
+    assert compare((mean, invstd), (m, 1 / (v + 1e-5) ** 0.5)) < 1e-12
+    w, b = inp["weight"], inp["bias"]
+    assert compare((y.mean(axis=red), y.var(axis=red)), (b, w**2 * v / (v + 1e-5))) < 1e-12
+    (yi,) = ops["infer"]()
+    rm, rv = inp["running_mean"], inp["running_var"]
+    assert compare((yi,), ((x - rm) / (rv + 1e-5) ** 0.5 * w + b,)) < 1e-12
+    dy = inp["dy"]
+    dx, dw, db = ops["backward"]()
+    xhat = (x - m) / (v + 1e-5) ** 0.5
+    n = x.size // spec.channels
+    dw_ref, db_ref = (dy * xhat).sum(axis=red), dy.sum(axis=red)
+    dx_ref = w / (v + 1e-5) ** 0.5 / n * (n * dy - db_ref - xhat * dw_ref)
+    assert compare((dx, dw, db), (dx_ref, dw_ref, db_ref)) < 1e-10
+
+
+def test_roofline_and_speedup_arithmetic():
+    spec = suite.SUITE_BY_NAME["resnet_56"]
+    c = runner.CaseResult(spec, "backward")
+    c.samples = {"fastbn": [2.0, 4.0, 3.0], "torch": [9.0], "copy": [1.0, 1.0, 1.2]}
+    assert c.roofline_s == pytest.approx(2.5)  # backward moves 5B: 2.5 copies
+    assert c.roofline_fraction == pytest.approx(2.5 / 3.0)
+    assert c.speedup("torch") == pytest.approx(3.0)
+    assert c.speedup("numpy") is None
+    assert runner.geomean([1.0, 4.0, None]) == pytest.approx(2.0)
+    assert runner.fmt_time(12.3e-6) == "12.3 us" and runner.fmt_time(0.01234) == "12.34 ms"
+
+
+def test_simple_progress_bar_without_tqdm():
+    import io
+
+    stream = io.StringIO()
+    bar = runner._SimpleBar(3, stream=stream)
+    for i in range(3):
+        bar.set_description(f"case {i}")
+        bar.update()
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 3 and lines[-1].startswith("[" + "#" * 28 + "] 3/3")
+
+
+def test_list_prints_suite(capsys):
+    assert runner.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for spec in suite.SUITE:
+        assert spec.name in out
+
+
+def test_plot_without_matplotlib_fails_before_running(tmp_path):
+    proc = run_cli("--quick", "--plot", str(tmp_path / "x.png"),
+                   pre="import sys; sys.modules['matplotlib'] = None")
+    assert proc.returncode == 2
+    assert "--plot needs matplotlib, which is not installed" in proc.stderr
+    assert "forward-train" not in proc.stdout  # refused up front, not after minutes of timing
