@@ -300,8 +300,19 @@ def _moments(p, x3, method, ddof=0):
     return mean, var
 
 
+def _split(v, dtype):
+    """``v`` (float64) as ``hi + lo`` in ``dtype``: elementwise kernels then compute in the data's
+    precision (float32 lanes are twice as wide) while ``(x - hi) - lo`` keeps the centring
+    as accurate as float64 (``x - hi`` is exact when ``x`` is near ``hi``)."""
+    hi = v.astype(dtype)
+    return hi, (v - hi).astype(dtype)
+
+
 def _affine(p, x3, y3, center, scale, shift, lo):
-    _elementwise(p, "affine", (x3,), (center, scale, shift), (lo,), y3)
+    dt = x3.dtype
+    hi, lo_part = _split(center, dt)
+    _elementwise(p, "affine", (x3,), (hi, lo_part, scale.astype(dt), shift.astype(dt)),
+                 (dt.type(lo),), y3)
 
 
 def _resolve_method(method):
@@ -499,7 +510,9 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
         cd = -ca * sg / L
     else:
         cb = cd = np.zeros(C)
-    _elementwise(p, "bwd_apply", (x3, dy3), (mu, ca, cb, cd), (), dx3)
+    dt = x3.dtype
+    _elementwise(p, "bwd_apply", (x3, dy3), (*_split(mu, dt), ca.astype(dt), cb.astype(dt),
+                                              cd.astype(dt)), (), dx3)
     if finish is not None:
         finish()
     return dx, (sgx * istd).astype(x.dtype), sg.astype(x.dtype)
