@@ -46,8 +46,11 @@ CACHE_DIR = _cache_dir()
 
 import numba  # noqa: E402  (after the environment is set up)
 
-# Without `nnan`/`ninf`, so that NaN and Inf propagate per channel as IEEE says; `reassoc`
-# is what lets LLVM vectorize the reductions, `contract` allows FMAs.
+# Reductions only: without `nnan`/`ninf`, so that NaN and Inf propagate per channel as IEEE
+# says; `reassoc` is what lets LLVM vectorize the sums, `contract` allows FMAs.  Elementwise
+# kernels get no fast-math flags at all: they vectorize without them, and `reassoc` would let
+# LLVM fold the two-part centre `(x - hi) - lo` into `x - (hi + lo)` differently in the serial
+# and the parallel build, so results would depend on the thread count.
 FASTMATH = frozenset({"reassoc", "contract", "nsz"})
 
 # Below this many elements a parallel region's launch cost (a few microseconds per prange)
@@ -144,10 +147,11 @@ class Kernel:
     OpenMP process.  Both builds come from the same Python source, so they cannot drift apart.
     """
 
-    __slots__ = ("py_func", "_par", "_ser", "__name__", "__wrapped__", "__dict__")
+    __slots__ = ("py_func", "_par", "_ser", "_fastmath", "__name__", "__wrapped__", "__dict__")
 
-    def __init__(self, func):
+    def __init__(self, func, fastmath):
         self.py_func = func
+        self._fastmath = fastmath
         self.__name__ = func.__name__
         self.__doc__ = func.__doc__
         self.__wrapped__ = func
@@ -155,7 +159,7 @@ class Kernel:
         self._ser = None
 
     def _jit(self, parallel):
-        opts = dict(parallel=parallel, fastmath=set(FASTMATH), cache=True, nogil=True,
+        opts = dict(parallel=parallel, fastmath=self._fastmath, cache=True, nogil=True,
                     error_model="numpy", boundscheck=None)
         suffix = "_par" if parallel else "_ser"
         return numba.njit(**opts)(_clone(self.py_func, suffix))
@@ -185,13 +189,22 @@ def use_serial(size):
     return size < SERIAL_BELOW or _forked_omp or numba.get_num_threads() == 1
 
 
-def kernel(func):
-    return Kernel(func)
+def _flags(exact):
+    return False if exact else set(FASTMATH)
 
 
-def helper(func):
+def kernel(func=None, *, exact=False):
+    """Decorate a `prange` loop as a :class:`Kernel`; `exact=True` for elementwise kernels."""
+    if func is None:
+        return lambda f: Kernel(f, _flags(exact))
+    return Kernel(func, _flags(exact))
+
+
+def helper(func=None, *, exact=False):
     """A small jitted function called from kernels (inlined by LLVM)."""
-    return numba.njit(fastmath=set(FASTMATH), cache=True, nogil=True, error_model="numpy")(func)
+    if func is None:
+        return lambda f: helper(f, exact=exact)
+    return numba.njit(fastmath=_flags(exact), cache=True, nogil=True, error_model="numpy")(func)
 
 
 def set_num_threads(n):

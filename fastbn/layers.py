@@ -131,7 +131,7 @@ class BatchNorm:
     def backward(self, dy):
         """Gradient with respect to the last forward's input; sets grad_weight and grad_bias."""
         if self._saved is None:
-            raise RuntimeError("backward called before a forward pass")
+            raise ValueError("backward called before a forward pass: there is no saved input")
         x, axis, mean, invstd, training = self._saved
         dy = F._array(dy, "dy")
         if dy.shape != x.shape:

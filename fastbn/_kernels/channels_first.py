@@ -18,6 +18,7 @@ import math
 import numba
 
 from .._config import helper, kernel
+from .merge import chan
 
 
 @helper
@@ -34,14 +35,15 @@ def _run_sums(xr, center):
 
 @helper
 def _run_moments(xr):
-    """Mean and sum of squared deviations of a run, by two passes over it while it is in cache
-    (the second pass's sum of deviations corrects the mean's rounding: the "corrected
-    two-pass" formula of Chan, Golub & LeVeque)."""
+    """Mean (as ``hi + lo``) and sum of squared deviations of a run, by two passes over it
+    while it is in cache.  The second pass's sum of deviations ``d1`` corrects the mean's
+    rounding (the "corrected two-pass" formula of Chan, Golub & LeVeque); ``lo = d1 / n`` is
+    kept apart so the merge sees the mean to better than float64's resolution of ``hi``."""
     n = xr.shape[0]
     total, _ = _run_sums(xr, 0.0)
     m = total / n
     d1, d2 = _run_sums(xr, m)
-    return m + d1 / n, d2 - d1 * d1 / n
+    return m, d1 / n, d2 - d1 * d1 / n
 
 
 @helper
@@ -56,7 +58,7 @@ def _run_bwd_sums(xr, gr, mu):
     return sg, sgx
 
 
-@helper
+@helper(exact=True)
 def _run_affine(xr, yr, center, center_lo, scale, shift, lo):
     # Centering before scaling keeps float32 results accurate when the mean is large relative
     # to the spread (``x * scale + shift`` would cancel catastrophically); the centre comes as
@@ -70,7 +72,7 @@ def _run_affine(xr, yr, center, center_lo, scale, shift, lo):
         yr[t] = v
 
 
-@helper
+@helper(exact=True)
 def _run_bwd_apply(xr, gr, dr, mu, mu_lo, a, b, d):
     for t in range(xr.shape[0]):
         dr[t] = a * gr[t] + b * ((xr[t] - mu) - mu_lo) + d
@@ -99,29 +101,26 @@ def _items(x, R, W, SB):
 
 
 @kernel
-def moments(x, R, W, SB, mean, m2):
-    """Per tile mean and M2 of each channel into ``mean[K, C]``, ``m2[K, C]``.
+def moments(x, R, W, SB, hi, lo, m2):
+    """Per tile mean (``hi + lo``) and M2 of each channel into ``hi``, ``lo``, ``m2`` ``[K, C]``.
 
-    Each run's exact moments (two passes over the run in cache) are folded into the tile's
-    with Chan's update, so memory is read once.
+    Each run's moments (two passes over the run in cache) are folded into the tile's with
+    Chan's update (``merge.chan``), so memory is read once.
     """
     for it in numba.prange(_items(x, R, W, SB)):
         k, n0, n1, c0, c1, s0, s1 = _tile(it, x, R, W, SB)
-        pm = mean[k]
+        ph = hi[k]
+        pl = lo[k]
         p2 = m2[k]
-        nr = s1 - s0
+        nr = float(s1 - s0)
         for c in range(c0, c1):
-            pm[c] = 0.0
-            p2[c] = 0.0
-        cnt = 0.0
-        for n in range(n0, n1):
-            tot = cnt + nr
+            ph[c], pl[c], p2[c] = _run_moments(x[n0, c, s0:s1])
+        cnt = nr
+        for n in range(n0 + 1, n1):
             for c in range(c0, c1):
-                m, s = _run_moments(x[n, c, s0:s1])
-                d = m - pm[c]
-                pm[c] += d * (nr / tot)
-                p2[c] += s + d * d * (cnt * nr / tot)
-            cnt = tot
+                m, ml, s = _run_moments(x[n, c, s0:s1])
+                pl[c], p2[c] = chan(cnt, ph[c], pl[c], p2[c], nr, m, ml, s)
+            cnt += nr
 
 
 @kernel
@@ -164,7 +163,7 @@ def _flat_run(i, i1, S, C):
     return n, row - n * C, s, min(S, s + (i1 - i))
 
 
-@kernel
+@kernel(exact=True)
 def affine(x, center, center_lo, scale, shift, lo, y, K):
     """Elementwise ``y = max((x - center[c]) * scale[c] + shift[c], lo)``, in ``K`` equal
     ranges of flat positions."""
@@ -180,7 +179,7 @@ def affine(x, center, center_lo, scale, shift, lo, y, K):
             i += e - s
 
 
-@kernel
+@kernel(exact=True)
 def bwd_apply(x, dy, mu, mu_lo, a, b, d, dx, K):
     """Elementwise ``dx = a[c] * dy + b[c] * (x - mu[c]) + d[c]``, in ``K`` flat ranges."""
     N, C, S = x.shape
@@ -200,20 +199,16 @@ def train_fused(x, weight, bias, eps, y, mean, var):
     """Forward training in one call for tensors small enough to sit in cache whole (fewer
     kernel launches is what matters there): statistics run by run, then normalisation."""
     N, C, S = x.shape
+    nr = float(S)
     for c in range(C):
-        mean[c] = 0.0
-        var[c] = 0.0
-    cnt = 0.0
-    for n in range(N):
-        tot = cnt + S
-        for c in range(C):
-            m, s = _run_moments(x[n, c])
-            d = m - mean[c]
-            mean[c] += d * (S / tot)
-            var[c] += s + d * d * (cnt * S / tot)
-        cnt = tot
-    for c in range(C):
-        var[c] /= cnt
+        base, off, m2 = _run_moments(x[0, c])
+        cnt = nr
+        for n in range(1, N):
+            m, ml, s = _run_moments(x[n, c])
+            off, m2 = chan(cnt, base, off, m2, nr, m, ml, s)
+            cnt += nr
+        mean[c] = base + off
+        var[c] = m2 / cnt
     for n in numba.prange(N):
         for c in range(C):
             sc = weight[c] / math.sqrt(var[c] + eps)

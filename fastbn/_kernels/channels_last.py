@@ -38,28 +38,33 @@ def _row_sums(xr, center, a1, a2):
 
 
 @kernel
-def moments(x, R, W, mean, m2):
-    """Per tile mean and M2 of each channel into ``mean[K, C]`` and ``m2[K, C]``.
+def moments(x, R, W, hi, lo, m2):
+    """Per tile mean (``hi + lo``) and M2 of each channel into ``hi``, ``lo``, ``m2`` ``[K, C]``.
 
     Two passes over the tile while it is in cache: one pass over memory, two-pass accuracy.
+    The second pass's sum of deviations corrects the first pass's mean; it is kept apart as
+    ``lo`` (see ``merge.chan``).
     """
     M, C, NB, items = _tiles(x, R, W)
     for it in numba.prange(items):
         k, r0, r1, c0, c1 = _tile(it, NB, R, W, M, C)
-        acc = mean[k, c0:c1]
+        acc = hi[k, c0:c1]
+        dev = lo[k, c0:c1]
         sq = m2[k, c0:c1]
         acc[:] = 0.0
+        dev[:] = 0.0
         sq[:] = 0.0
         for r in range(r0, r1):
             xr = x[r, c0:c1]
             for c in range(xr.shape[0]):
                 acc[c] += xr[c]
-        acc *= 1.0 / (r1 - r0)
+        inv = 1.0 / (r1 - r0)
+        acc *= inv
         for r in range(r0, r1):
-            xr = x[r, c0:c1]
-            for c in range(xr.shape[0]):
-                d = xr[c] - acc[c]
-                sq[c] += d * d
+            _row_sums(x[r, c0:c1], acc, dev, sq)
+        for c in range(dev.shape[0]):
+            sq[c] -= dev[c] * dev[c] * inv
+            dev[c] *= inv
 
 
 @kernel
@@ -97,7 +102,7 @@ def bwd_sums(x, dy, mu, R, W, sg, sgx):
                 a2[c] += g * (xr[c] - m[c])
 
 
-@kernel
+@kernel(exact=True)
 def affine(x, center, center_lo, scale, shift, lo, y, R, W):
     """Elementwise ``y = max((x - center[c]) * scale[c] + shift[c], lo)``; NaN passes through.
     The centre comes in two parts, as in the channels-first kernel."""
@@ -118,7 +123,7 @@ def affine(x, center, center_lo, scale, shift, lo, y, R, W):
                 yr[c] = v
 
 
-@kernel
+@kernel(exact=True)
 def bwd_apply(x, dy, mu, mu_lo, a, b, d, dx, R, W):
     """Elementwise ``dx = a[c] * dy + b[c] * (x - mu[c]) + d[c]``."""
     M, C, NB, items = _tiles(x, R, W)

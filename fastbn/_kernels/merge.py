@@ -1,33 +1,43 @@
-"""Ordered merges of per-chunk partial results (shared by both kernel families)."""
+"""Ordered merges of partial results, shared by both kernel families."""
 
 import numba
 
-from .._config import kernel
+from .._config import helper, kernel
 
 
-@kernel
-def merge_moments(count, mean, m2, mean_out, var_out, ddof):
-    """Chan et al.'s pairwise update, applied left to right over the chunks of each channel.
+@helper(exact=True)
+def chan(cnt, base, off, m2, nb, hi, lo, s):
+    """Fold a group of ``nb`` values (mean ``hi + lo``, sum of squared deviations ``s``) into an
+    accumulator of ``cnt`` values (mean ``base + off``, M2 ``m2``): Chan et al.'s update.
 
-    ``count[k]`` values went into chunk ``k``; ``mean[c, k]`` and ``m2[c, k]`` are that chunk's
-    mean and sum of squared deviations for channel ``c``.  Merging in a fixed order (rather than
-    as threads finish) keeps results independent of the thread count.
+    Means are carried as a fixed ``base`` (the first group's ``hi``) plus a small offset, so the
+    difference of two means far from zero (1e8 with unit spread) is exact: ``hi - base`` is
+    computed without rounding when the two are close, and the rest lives in the offset at full
+    precision.  Compiled without fast-math so that this order of operations is kept.
+    Returns the new ``(off, m2)``.
     """
-    C, K = mean.shape
+    f = nb / (cnt + nb)
+    d = ((hi - base) + lo) - off
+    return off + d * f, m2 + s + d * d * (cnt * f)
+
+
+@kernel(exact=True)
+def merge_moments(count, hi, lo, m2, mean_out, var_out, ddof):
+    """Merge per-chunk moments ``(hi + lo, m2)[c, k]`` of ``count[k]`` values each, left to right
+    in a fixed order (not as threads finish), so results do not depend on the thread count."""
+    C, K = hi.shape
     for c in numba.prange(C):
-        n = count[0]
-        m = mean[c, 0]
+        base = hi[c, 0]
+        off = lo[c, 0]
         s = m2[c, 0]
+        n = count[0]
         for k in range(1, K):
             nb = count[k]
             if nb == 0:
                 continue
-            tot = n + nb
-            d = mean[c, k] - m
-            m += d * (nb / tot)
-            s += m2[c, k] + d * d * (n * nb / tot)
-            n = tot
-        mean_out[c] = m
+            off, s = chan(n, base, off, s, nb, hi[c, k], lo[c, k], m2[c, k])
+            n += nb
+        mean_out[c] = base + off
         var_out[c] = s / (n - ddof)
 
 
