@@ -33,107 +33,39 @@ class _Op:
         common.inputs(shape, dtype)
 
 
-class TimeInfer(_Op):
-    """Inference: fused per-channel scale and shift (2B of memory traffic)."""
-
-    def time_fastbn(self, shape, dtype):
-        common.prepared("infer", "fastbn", shape, dtype)()
-
-    time_fastbn.setup = setup_for("infer", "fastbn")
-
-    def time_torch(self, shape, dtype):
-        common.prepared("infer", "torch", shape, dtype)()
-
-    time_torch.setup = setup_for("infer", "torch")
-
-    def time_numpy(self, shape, dtype):
-        common.prepared("infer", "numpy", shape, dtype)()
-
-    time_numpy.setup = setup_for("infer", "numpy")
+CONTENDERS = ("fastbn", "torch", "numpy")
 
 
-class TimeTrain(_Op):
-    """Forward pass in training mode: batch statistics, then normalise (3B)."""
+def _benchmark(op, contender):
+    """One benchmark body with its own setup (see the module docstring)."""
 
-    def time_fastbn(self, shape, dtype):
-        common.prepared("train", "fastbn", shape, dtype)()
+    def run(self, shape, dtype):
+        common.prepared(op, contender, shape, dtype)()
 
-    time_fastbn.setup = setup_for("train", "fastbn")
-
-    def time_torch(self, shape, dtype):
-        common.prepared("train", "torch", shape, dtype)()
-
-    time_torch.setup = setup_for("train", "torch")
-
-    def time_numpy(self, shape, dtype):
-        common.prepared("train", "numpy", shape, dtype)()
-
-    time_numpy.setup = setup_for("train", "numpy")
-
-    def peakmem_fastbn(self, shape, dtype):
-        common.prepared("train", "fastbn", shape, dtype)()
-
-    peakmem_fastbn.setup = setup_for("train", "fastbn")
-
-    def peakmem_torch(self, shape, dtype):
-        common.prepared("train", "torch", shape, dtype)()
-
-    peakmem_torch.setup = setup_for("train", "torch")
-
-    def peakmem_numpy(self, shape, dtype):
-        common.prepared("train", "numpy", shape, dtype)()
-
-    peakmem_numpy.setup = setup_for("train", "numpy")
+    run.setup = setup_for(op, contender)
+    return run
 
 
-class TimeBackward(_Op):
-    """Backward pass in training mode: two reductions, then dx (5B)."""
-
-    def time_fastbn(self, shape, dtype):
-        common.prepared("backward", "fastbn", shape, dtype)()
-
-    time_fastbn.setup = setup_for("backward", "fastbn")
-
-    def time_torch(self, shape, dtype):
-        common.prepared("backward", "torch", shape, dtype)()
-
-    time_torch.setup = setup_for("backward", "torch")
-
-    def time_numpy(self, shape, dtype):
-        common.prepared("backward", "numpy", shape, dtype)()
-
-    time_numpy.setup = setup_for("backward", "numpy")
-
-    def peakmem_fastbn(self, shape, dtype):
-        common.prepared("backward", "fastbn", shape, dtype)()
-
-    peakmem_fastbn.setup = setup_for("backward", "fastbn")
-
-    def peakmem_torch(self, shape, dtype):
-        common.prepared("backward", "torch", shape, dtype)()
-
-    peakmem_torch.setup = setup_for("backward", "torch")
-
-    def peakmem_numpy(self, shape, dtype):
-        common.prepared("backward", "numpy", shape, dtype)()
-
-    peakmem_numpy.setup = setup_for("backward", "numpy")
+def _op_class(name, op, doc, kinds):
+    """An asv class for ``op``: a ``{kind}_{contender}`` method per kind and contender, generated
+    rather than written out so every op and contender is measured the same way."""
+    body = {"__doc__": doc, "__module__": __name__}
+    for kind in kinds:
+        for contender in CONTENDERS:
+            fn = _benchmark(op, contender)
+            fn.__name__ = fn.__qualname__ = f"{kind}_{contender}"
+            body[fn.__name__] = fn
+    return type(name, (_Op,), body)
 
 
-class TimeStats(_Op):
-    """Per-channel mean and biased variance alone (1B)."""
-
-    def time_fastbn(self, shape, dtype):
-        common.prepared("stats", "fastbn", shape, dtype)()
-
-    time_fastbn.setup = setup_for("stats", "fastbn")
-
-    def time_torch(self, shape, dtype):
-        common.prepared("stats", "torch", shape, dtype)()
-
-    time_torch.setup = setup_for("stats", "torch")
-
-    def time_numpy(self, shape, dtype):
-        common.prepared("stats", "numpy", shape, dtype)()
-
-    time_numpy.setup = setup_for("stats", "numpy")
+TimeInfer = _op_class("TimeInfer", "infer",
+                      "Inference: fused per-channel scale and shift (2B of memory traffic).",
+                      ("time",))
+TimeTrain = _op_class("TimeTrain", "train",
+                      "Forward pass in training mode: batch statistics, then normalise (3B).",
+                      ("time", "peakmem"))
+TimeBackward = _op_class("TimeBackward", "backward",
+                         "Backward pass in training mode: two reductions, then dx (5B).",
+                         ("time", "peakmem"))
+TimeStats = _op_class("TimeStats", "stats", "Per-channel mean and biased variance alone (1B).",
+                      ("time",))

@@ -1,7 +1,6 @@
 """Stateful batch-norm layers with PyTorch's semantics and state_dict keys."""
 
 import json
-import operator
 
 import numpy as np
 
@@ -30,23 +29,13 @@ class BatchNorm:
 
     def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, axis=1, dtype=np.float32):
-        if isinstance(num_features, (bool, np.bool_)):
-            raise TypeError("num_features must be an integer, got bool")
-        try:
-            num_features = operator.index(num_features)
-        except TypeError:
-            raise TypeError(f"num_features must be an integer, got {type(num_features).__name__}") from None
+        num_features = F._integer(num_features, "num_features")
         if num_features <= 0:
             raise ValueError(f"num_features must be positive, got {num_features}")
         dtype = np.dtype(dtype)
         if dtype not in F._FLOATS:
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-        if isinstance(axis, (bool, np.bool_)):
-            raise TypeError("axis must be an integer, got bool")
-        try:
-            axis = operator.index(axis)
-        except TypeError:
-            raise TypeError(f"axis must be an integer, got {type(axis).__name__}") from None
+        axis = F._integer(axis, "axis")
         self.num_features = num_features
         self.eps = F._positive(eps, "eps")
         self.momentum = None if momentum is None else F._momentum(momentum)
