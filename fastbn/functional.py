@@ -303,14 +303,6 @@ def _moments(p, x3, method, ddof=0):
     return mean, var
 
 
-def _split(v, dtype):
-    """``v`` (float64) as ``hi + lo`` in ``dtype``: elementwise kernels then compute in the data's
-    precision (float32 lanes are twice as wide) while ``(x - hi) - lo`` keeps the centring
-    as accurate as float64 (``x - hi`` is exact when ``x`` is near ``hi``)."""
-    hi = v.astype(dtype)
-    return hi, (v - hi).astype(dtype)
-
-
 def _spread(var, count):
     """A bound on ``max |x - mean|`` from the per-channel variance: ``sqrt(var * count)``."""
     return float(np.sqrt(np.max(var) * count)) if var.size else 0.0
@@ -325,11 +317,21 @@ def _lanes(dtype, center, spread):
     return dtype if big < 1e30 and spread < 1e37 else np.dtype(np.float64)
 
 
+def _centred(center, scale, shift, dtype):
+    """Per-channel ``(c, scale, shift)`` in ``dtype`` such that ``(x - c) * scale + shift``
+    equals ``(x - center) * scale + shift`` to float64 accuracy.
+
+    Elementwise kernels compute in the data's precision (float32 lanes are twice as wide).
+    ``x - c`` is exact for ``x`` near ``c``; the part of ``center`` that ``c`` cannot hold
+    moves into the shift, computed in float64: ``shift - (center - c) * scale``.
+    """
+    c = center.astype(dtype)
+    return c, scale.astype(dtype), (shift - (center - c) * scale).astype(dtype)
+
+
 def _affine(p, x3, y3, center, scale, shift, lo, spread=0.0):
     dt = _lanes(x3.dtype, center, spread)
-    hi, lo_part = _split(center, dt)
-    _elementwise(p, "affine", (x3,), (hi, lo_part, scale.astype(dt), shift.astype(dt)),
-                 (dt.type(lo),), y3)
+    _elementwise(p, "affine", (x3,), _centred(center, scale, shift, dt), (dt.type(lo),), y3)
 
 
 def _resolve_method(method, dtype):
@@ -531,8 +533,8 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
         cd = -ca * sg / L
         spread = _spread(1.0 / (istd * istd), L)
         dt = _lanes(x3.dtype, mu, spread)
-        _elementwise(p, "bwd_apply", (x3, dy3), (*_split(mu, dt), ca.astype(dt), cb.astype(dt),
-                                                  cd.astype(dt)), (), dx3)
+        m, b, d = _centred(mu, cb, cd, dt)
+        _elementwise(p, "bwd_apply", (x3, dy3), (m, ca.astype(dt), b, d), (), dx3)
     else:
         # Evaluation mode: dx does not depend on x at all (an infinite x must not turn into NaN).
         zero = np.zeros(C)

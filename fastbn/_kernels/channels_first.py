@@ -59,23 +59,23 @@ def _run_bwd_sums(xr, gr, mu):
 
 
 @helper(exact=True)
-def _run_affine(xr, yr, center, center_lo, scale, shift, lo):
+def _run_affine(xr, yr, center, scale, shift, lo):
     # Centering before scaling keeps float32 results accurate when the mean is large relative
-    # to the spread (``x * scale + shift`` would cancel catastrophically); the centre comes as
-    # a high and a low part in the data's precision (see functional._split), so the arithmetic
-    # runs in float32 lanes for float32 data.  ``lo`` is -inf without ReLU; the comparison is
-    # written so that NaN passes through.
+    # to the spread (``x * scale + shift`` would cancel catastrophically): ``x - center`` is
+    # exact for ``x`` near ``center``, and the centre's rounding is folded into ``shift`` (see
+    # functional._affine), so the arithmetic runs in float32 lanes for float32 data.  ``lo``
+    # is -inf without ReLU; the comparison is written so that NaN passes through.
     for t in range(xr.shape[0]):
-        v = ((xr[t] - center) - center_lo) * scale + shift
+        v = (xr[t] - center) * scale + shift
         if v < lo:
             v = lo
         yr[t] = v
 
 
 @helper(exact=True)
-def _run_bwd_apply(xr, gr, dr, mu, mu_lo, a, b, d):
+def _run_bwd_apply(xr, gr, dr, mu, a, b, d):
     for t in range(xr.shape[0]):
-        dr[t] = a * gr[t] + b * ((xr[t] - mu) - mu_lo) + d
+        dr[t] = a * gr[t] + b * (xr[t] - mu) + d
 
 
 @helper
@@ -164,7 +164,7 @@ def _flat_run(i, i1, S, C):
 
 
 @kernel(exact=True)
-def affine(x, center, center_lo, scale, shift, lo, y, K):
+def affine(x, center, scale, shift, lo, y, K):
     """Elementwise ``y = max((x - center[c]) * scale[c] + shift[c], lo)``, in ``K`` equal
     ranges of flat positions."""
     N, C, S = x.shape
@@ -174,13 +174,12 @@ def affine(x, center, center_lo, scale, shift, lo, y, K):
         i1 = (k + 1) * T // K
         while i < i1:
             n, c, s, e = _flat_run(i, i1, S, C)
-            _run_affine(x[n, c, s:e], y[n, c, s:e], center[c], center_lo[c], scale[c], shift[c],
-                        lo)
+            _run_affine(x[n, c, s:e], y[n, c, s:e], center[c], scale[c], shift[c], lo)
             i += e - s
 
 
 @kernel(exact=True)
-def bwd_apply(x, dy, mu, mu_lo, a, b, d, dx, K):
+def bwd_apply(x, dy, mu, a, b, d, dx, K):
     """Elementwise ``dx = a[c] * dy + b[c] * (x - mu[c]) + d[c]``, in ``K`` flat ranges."""
     N, C, S = x.shape
     T = N * C * S
@@ -189,8 +188,7 @@ def bwd_apply(x, dy, mu, mu_lo, a, b, d, dx, K):
         i1 = (k + 1) * T // K
         while i < i1:
             n, c, s, e = _flat_run(i, i1, S, C)
-            _run_bwd_apply(x[n, c, s:e], dy[n, c, s:e], dx[n, c, s:e], mu[c], mu_lo[c], a[c], b[c],
-                           d[c])
+            _run_bwd_apply(x[n, c, s:e], dy[n, c, s:e], dx[n, c, s:e], mu[c], a[c], b[c], d[c])
             i += e - s
 
 
@@ -212,4 +210,4 @@ def train_fused(x, weight, bias, eps, y, mean, var):
     for n in numba.prange(N):
         for c in range(C):
             sc = weight[c] / math.sqrt(var[c] + eps)
-            _run_affine(x[n, c], y[n, c], mean[c], 0.0, sc, bias[c], -math.inf)
+            _run_affine(x[n, c], y[n, c], mean[c], sc, bias[c], -math.inf)

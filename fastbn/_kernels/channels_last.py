@@ -103,34 +103,32 @@ def bwd_sums(x, dy, mu, R, W, sg, sgx):
 
 
 @kernel(exact=True)
-def affine(x, center, center_lo, scale, shift, lo, y, R, W):
-    """Elementwise ``y = max((x - center[c]) * scale[c] + shift[c], lo)``; NaN passes through.
-    The centre comes in two parts, as in the channels-first kernel."""
+def affine(x, center, scale, shift, lo, y, R, W):
+    """Elementwise ``y = max((x - center[c]) * scale[c] + shift[c], lo)``; NaN passes through
+    (centring as in the channels-first kernel)."""
     M, C, NB, items = _tiles(x, R, W)
     for it in numba.prange(items):
         k, r0, r1, c0, c1 = _tile(it, NB, R, W, M, C)
         ce = center[c0:c1]
-        cl = center_lo[c0:c1]
         sc = scale[c0:c1]
         sh = shift[c0:c1]
         for r in range(r0, r1):
             xr = x[r, c0:c1]
             yr = y[r, c0:c1]
             for c in range(xr.shape[0]):
-                v = ((xr[c] - ce[c]) - cl[c]) * sc[c] + sh[c]
+                v = (xr[c] - ce[c]) * sc[c] + sh[c]
                 if v < lo:
                     v = lo
                 yr[c] = v
 
 
 @kernel(exact=True)
-def bwd_apply(x, dy, mu, mu_lo, a, b, d, dx, R, W):
+def bwd_apply(x, dy, mu, a, b, d, dx, R, W):
     """Elementwise ``dx = a[c] * dy + b[c] * (x - mu[c]) + d[c]``."""
     M, C, NB, items = _tiles(x, R, W)
     for it in numba.prange(items):
         k, r0, r1, c0, c1 = _tile(it, NB, R, W, M, C)
         m = mu[c0:c1]
-        ml = mu_lo[c0:c1]
         ac = a[c0:c1]
         bc = b[c0:c1]
         dc = d[c0:c1]
@@ -139,4 +137,4 @@ def bwd_apply(x, dy, mu, mu_lo, a, b, d, dx, R, W):
             gr = dy[r, c0:c1]
             dr = dx[r, c0:c1]
             for c in range(xr.shape[0]):
-                dr[c] = ac[c] * gr[c] + bc[c] * ((xr[c] - m[c]) - ml[c]) + dc[c]
+                dr[c] = ac[c] * gr[c] + bc[c] * (xr[c] - m[c]) + dc[c]
