@@ -81,11 +81,16 @@ def _channel_vector(v, name, C, writeable=False):
     return v
 
 
+def _param(v, name, C):
+    """An optional per-channel parameter, validated (None stays None)."""
+    return None if v is None else _channel_vector(v, name, C)
+
+
 def _f64(v, name, C, default):
     """A per-channel parameter as a float64 vector for the kernels (``default`` if None)."""
     if v is None:
         return np.full(C, default)
-    return _channel_vector(v, name, C).astype(np.float64)
+    return np.asarray(_channel_vector(v, name, C), dtype=np.float64)
 
 
 def _positive(value, name):
@@ -303,35 +308,19 @@ def _moments(p, x3, method, ddof=0):
     return mean, var
 
 
-def _spread(var, count):
-    """A bound on ``max |x - mean|`` from the per-channel variance: ``sqrt(var * count)``."""
-    return float(np.sqrt(np.max(var) * count)) if var.size else 0.0
+def _affine(p, x3, y3, center, var, weight, bias, eps, lo, count=0):
+    """``y = max((x - center) * weight / sqrt(var + eps) + bias, lo)`` per channel.
 
-
-def _lanes(dtype, center, spread):
-    """The precision elementwise kernels compute in: the data's, unless float32 ``x - center``
-    could overflow (data near the float32 maximum), then float64."""
-    if dtype == np.float64 or center.size == 0:
-        return dtype
-    big = np.max(np.abs(center))
-    return dtype if big < 1e30 and spread < 1e37 else np.dtype(np.float64)
-
-
-def _centred(center, scale, shift, dtype):
-    """Per-channel ``(c, scale, shift)`` in ``dtype`` such that ``(x - c) * scale + shift``
-    equals ``(x - center) * scale + shift`` to float64 accuracy.
-
-    Elementwise kernels compute in the data's precision (float32 lanes are twice as wide).
-    ``x - c`` is exact for ``x`` near ``c``; the part of ``center`` that ``c`` cannot hold
-    moves into the shift, computed in float64: ``shift - (center - c) * scale``.
+    ``count > 0`` (training: ``var`` is the batch variance over ``count`` values) lets the
+    parameter preparation bound ``max |x - center|`` (see ``merge.affine_params``).
     """
-    c = center.astype(dtype)
-    return c, scale.astype(dtype), (shift - (center - c) * scale).astype(dtype)
-
-
-def _affine(p, x3, y3, center, scale, shift, lo, spread=0.0):
-    dt = _lanes(x3.dtype, center, spread)
-    _elementwise(p, "affine", (x3,), _centred(center, scale, shift, dt), (dt.type(lo),), y3)
+    narrow = x3.dtype == np.float32
+    params = np.empty((3, p.C))
+    if _merge.affine_params(center, var, weight, bias, eps, count, narrow, params):
+        params = params.astype(np.float32)
+    dt = params.dtype
+    # float32 lanes are exact here: scale and shift round once; the centre's rounding is in shift
+    _elementwise(p, "affine", (x3,), tuple(params), (dt.type(lo),), y3)
 
 
 def _resolve_method(method, dtype):
@@ -397,8 +386,8 @@ def channel_stats(x, *, axis=1, ddof=0, method="auto"):
 def _train(x, axis, weight, bias, eps, out):
     """Forward training; returns (y, mean64, var64) with var biased."""
     C = x.shape[axis]
-    w = _f64(weight, "weight", C, 1.0)
-    b = _f64(bias, "bias", C, 0.0)
+    w = _param(weight, "weight", C)
+    b = _param(bias, "bias", C)
     y = _new_output(x) if out is None else _check_out(out, x, inputs=((x, "x"),))
     p = _layout.plan(x, axis)
     x3 = p.as_input(x)
@@ -406,11 +395,11 @@ def _train(x, axis, weight, bias, eps, out):
     if _fuse(p, x):
         mean = np.empty(C)
         var = np.empty(C)
-        _cf.train_fused(x3.size, x3, w, b, eps, y3, mean, var)
+        _cf.train_fused(x3.size, x3, _f64(w, "weight", C, 1.0), _f64(b, "bias", C, 0.0), eps, y3,
+                        mean, var)
     else:
         mean, var = _moments(p, x3, _resolve_method("auto", x.dtype))
-        scale = w / np.sqrt(var + eps)
-        _affine(p, x3, y3, mean, scale, b, _NEG_INF, _spread(var, x3.size // C))
+        _affine(p, x3, y3, mean, var, w, b, eps, _NEG_INF, x3.size // C)
     if finish is not None:
         finish()
     return y, mean, var
@@ -463,18 +452,17 @@ def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, ep
         raise ValueError(f"activation must be None or 'relu', got {activation!r}")
     eps = _positive(eps, "eps")
     C = x.shape[axis]
-    rm = _f64(_required(running_mean, "running_mean"), "running_mean", C, 0.0)
-    rv = _f64(_required(running_var, "running_var"), "running_var", C, 1.0)
-    w = _f64(weight, "weight", C, 1.0)
-    b = _f64(bias, "bias", C, 0.0)
+    rm = _channel_vector(_required(running_mean, "running_mean"), "running_mean", C)
+    rv = _channel_vector(_required(running_var, "running_var"), "running_var", C)
+    w = _param(weight, "weight", C)
+    b = _param(bias, "bias", C)
     y = _new_output(x) if out is None else _check_out(out, x, inputs=((x, "x"),))
     if x.size == 0:
         return y
-    scale = w / np.sqrt(rv + eps)
     p = _layout.plan(x, axis)
     x3 = p.as_input(x)
     y3, finish = p.output(y)
-    _affine(p, x3, y3, rm, scale, b, 0.0 if activation == "relu" else _NEG_INF)
+    _affine(p, x3, y3, rm, rv, w, b, eps, 0.0 if activation == "relu" else _NEG_INF)
     if finish is not None:
         finish()
     return y
@@ -531,14 +519,20 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
     if training:
         cb = -ca * istd * istd * sgx / L
         cd = -ca * sg / L
-        spread = _spread(1.0 / (istd * istd), L)
-        dt = _lanes(x3.dtype, mu, spread)
-        m, b, d = _centred(mu, cb, cd, dt)
-        _elementwise(p, "bwd_apply", (x3, dy3), (m, ca.astype(dt), b, d), (), dx3)
+        # As in merge.affine_params: float32 lanes unless x - mu could overflow there; the
+        # centre's float32 rounding moves into the constant term.
+        narrow = (x3.dtype == np.float32 and -1e30 < mu.min() and mu.max() < 1e30
+                  and (istd * istd).min() * 1e74 > L)  # var * L < 1e74, without dividing
+        dt = x3.dtype if narrow else np.dtype(np.float64)
+        m = mu.astype(dt)
+        cd = cd - (mu - m) * cb
+        _elementwise(p, "bwd_apply", (x3, dy3), (m, ca.astype(dt), cb.astype(dt), cd.astype(dt)),
+                     (), dx3)
     else:
         # Evaluation mode: dx does not depend on x at all (an infinite x must not turn into NaN).
-        zero = np.zeros(C)
-        _affine(p, dy3, dx3, zero, ca, zero, _NEG_INF)
+        dt = dy3.dtype
+        zero = np.zeros(C, dt)
+        _elementwise(p, "affine", (dy3,), (zero, ca.astype(dt), zero), (dt.type(_NEG_INF),), dx3)
     if finish is not None:
         finish()
     return dx, (sgx * istd).astype(x.dtype), sg.astype(x.dtype)
