@@ -238,8 +238,9 @@ def _cl_parts(arrays, C):
 def _reduce(p, name, arrays, params, nout=2):
     """Run the partial-reduction kernel ``name`` of the view's family.
 
-    Returns ``nout`` partial buffers as ``(C, K)`` views of ``(K, C)`` arrays (each tile owns a
-    contiguous row) and the number of values behind each of the ``K`` partials.
+    Returns the ``nout`` partial buffers stacked as a ``(nout, C, K)`` view of a ``(nout, K, C)``
+    array (each tile owns a contiguous row), and the number of values behind each of the ``K``
+    partials.
     """
     C = p.C
     x3 = arrays[0]
@@ -247,28 +248,29 @@ def _reduce(p, name, arrays, params, nout=2):
         N, _, S = x3.shape
         R, W, SB = _cf_tiles(N, C, S, x3.itemsize)
         KN, KS = -(-N // R), -(-S // SB)
-        bufs = [np.empty((KN * KS, C)) for _ in range(nout)]
+        bufs = np.empty((nout, KN * KS, C))
         getattr(_cf, name)(x3.size, *arrays, *params, R, W, SB, *bufs)
+        if name != "moments":  # only Chan's merge needs the counts
+            return bufs.transpose(0, 2, 1), None
         rows = np.full(KN, float(R))
         rows[-1] = N - R * (KN - 1)
         lens = np.full(KS, float(SB))
         lens[-1] = S - SB * (KS - 1)
-        return [b.T for b in bufs], np.outer(rows, lens).ravel()
+        return bufs.transpose(0, 2, 1), np.outer(rows, lens).ravel()
     parts, counts = [], []
     for views, P in _cl_parts(arrays, C):
         M, Cw = views[0].shape
         R, W = _cl_tiles(M, Cw, True)
         K = -(-M // R)
-        bufs = [np.empty((K, Cw)) for _ in range(nout)]
+        bufs = np.empty((nout, K, Cw))
         tiled = params if P == 1 else tuple(np.tile(q, P) for q in params)
         getattr(_cl, name)(views[0].size, *views, *tiled, R, W, *bufs)
         n = np.full(K, float(R))
         n[-1] = M - R * (K - 1)
-        parts.append([b.reshape(K * P, C) for b in bufs])
+        parts.append(bufs.reshape(nout, K * P, C))
         counts.append(np.repeat(n, P))
-    if len(parts) == 1:
-        return [b.T for b in parts[0]], counts[0]
-    return [np.concatenate(bs).T for bs in zip(*parts)], np.concatenate(counts)
+    bufs = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+    return bufs.transpose(0, 2, 1), counts[0] if len(counts) == 1 else np.concatenate(counts)
 
 
 def _elementwise(p, name, inputs, params, scalars, out3):
@@ -285,22 +287,24 @@ def _elementwise(p, name, inputs, params, scalars, out3):
         getattr(_cl, name)(views[0].size, *views[:-1], *tiled, *scalars, views[-1], R, W)
 
 
-def _merged_sums(a):
-    out = np.empty(a.shape[0])
-    _merge.merge_sums(a.size, a, out)
-    return out
+def _merged_sums(parts):
+    """Sums over the last axis of ``(..., C, K)`` partials, in a fixed order."""
+    flat = parts.reshape(-1, parts.shape[-1])
+    out = np.empty(flat.shape[0])
+    _merge.merge_sums(flat.size, flat, out)
+    return out.reshape(parts.shape[:-1])
 
 
 def _moments(p, x3, method, ddof=0):
     """Per-channel float64 mean and variance (divided by L - ddof) of the kernel view."""
     L = float(x3.size // p.C)
     if method == "two_pass":
-        (a, _), _ = _reduce(p, "sums", (x3,), (np.zeros(p.C),))
-        mean = _merged_sums(a) / L
-        (a, b), _ = _reduce(p, "sums", (x3,), (mean,))
-        d1 = _merged_sums(a)
+        parts, _ = _reduce(p, "sums", (x3,), (np.zeros(p.C),))
+        mean = _merged_sums(parts[0]) / L
+        parts, _ = _reduce(p, "sums", (x3,), (mean,))
+        d1, d2 = _merged_sums(parts)
         # The sum of deviations from the computed mean corrects that mean's rounding error.
-        return mean + d1 / L, (_merged_sums(b) - d1 * d1 / L) / (L - ddof)
+        return mean + d1 / L, (d2 - d1 * d1 / L) / (L - ddof)
     (hi, lo, m2), counts = _reduce(p, "moments", (x3,), (), nout=3)
     mean = np.empty(p.C)
     var = np.empty(p.C)
@@ -502,7 +506,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
     C = x.shape[axis]
     mu = _f64(_required(mean, "mean"), "mean", C, 0.0)
     istd = _f64(_required(invstd, "invstd"), "invstd", C, 1.0)
-    w = _f64(weight, "weight", C, 1.0)
+    w = _param(weight, "weight", C)
     dx = _new_output(x) if out is None else _check_out(out, x, inputs=((x, "x"), (dy, "dy")))
     L = _values_per_channel(x, axis)
     if x.size == 0:
@@ -512,30 +516,21 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
     x3 = p.as_input(x)
     dy3 = p.as_input(dy)
     dx3, finish = p.output(dx)
-    (a, b), _ = _reduce(p, "bwd_sums", (x3, dy3), (mu,))
-    sg = _merged_sums(a)
-    sgx = _merged_sums(b)
-    ca = w * istd
+    parts, _ = _reduce(p, "bwd_sums", (x3, dy3), (mu,))
+    sums = _merged_sums(parts)
+    params = np.empty((4, C))
+    narrow = x3.dtype == np.float32
+    if _merge.backward_params(sums, mu, istd, w, float(L), training, narrow, params):
+        params = params.astype(np.float32)
     if training:
-        cb = -ca * istd * istd * sgx / L
-        cd = -ca * sg / L
-        # As in merge.affine_params: float32 lanes unless x - mu could overflow there; the
-        # centre's float32 rounding moves into the constant term.
-        narrow = (x3.dtype == np.float32 and -1e30 < mu.min() and mu.max() < 1e30
-                  and (istd * istd).min() * 1e74 > L)  # var * L < 1e74, without dividing
-        dt = x3.dtype if narrow else np.dtype(np.float64)
-        m = mu.astype(dt)
-        cd = cd - (mu - m) * cb
-        _elementwise(p, "bwd_apply", (x3, dy3), (m, ca.astype(dt), cb.astype(dt), cd.astype(dt)),
-                     (), dx3)
+        _elementwise(p, "bwd_apply", (x3, dy3), tuple(params), (), dx3)
     else:
-        # Evaluation mode: dx does not depend on x at all (an infinite x must not turn into NaN).
-        dt = dy3.dtype
-        zero = np.zeros(C, dt)
-        _elementwise(p, "affine", (dy3,), (zero, ca.astype(dt), zero), (dt.type(_NEG_INF),), dx3)
+        # Evaluation mode: dx = a * dy does not depend on x (an infinite x must not give NaN).
+        _elementwise(p, "affine", (dy3,), (params[3], params[1], params[3]),
+                     (params.dtype.type(_NEG_INF),), dx3)
     if finish is not None:
         finish()
-    return dx, (sgx * istd).astype(x.dtype), sg.astype(x.dtype)
+    return dx, (sums[1] * istd).astype(x.dtype), sums[0].astype(x.dtype)
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, *, training=False,

@@ -87,3 +87,37 @@ def affine_params(center, var, weight, bias, eps, count, narrow, out):
         out[1, c] = scale
         out[2, c] = shift - (m - r) * scale
     return ok
+
+
+@helper(exact=True)
+def backward_params(sums, mu, invstd, weight, count, training, narrow, out):
+    """Per-channel ``(m, a, b, d)`` rows of ``out`` (float64, shape (4, C)) for the elementwise
+    pass ``dx = a * dy + b * (x - m) + d``, from ``sums[0] = sum(dy)`` and
+    ``sums[1] = sum(dy * (x - mu))`` over ``count`` values per channel.
+
+    Training mode: ``a = weight * invstd``, ``b = -a * invstd^2 * sums[1] / count``,
+    ``d = -a * sums[0] / count``; evaluation mode: ``b = d = 0`` (``m`` is then irrelevant).
+    ``narrow`` and the return value work as in :func:`affine_params` (the spread bound is
+    ``sqrt(count) / invstd``).
+    """
+    C = mu.shape[0]
+    ok = narrow
+    for c in range(C):
+        m = mu[c]
+        if not (-1e30 < m < 1e30) or not (invstd[c] * invstd[c] * 1e74 > count):
+            ok = False
+    for c in range(C):
+        istd = float(invstd[c])
+        a = istd if weight is None else weight[c] * istd
+        m = float(mu[c])
+        r = float(np.float32(m)) if ok else m
+        out[0, c] = r
+        out[1, c] = a
+        if training:
+            b = -a * istd * istd * sums[1, c] / count
+            out[2, c] = b
+            out[3, c] = -a * sums[0, c] / count - (m - r) * b
+        else:
+            out[2, c] = 0.0
+            out[3, c] = 0.0
+    return ok
