@@ -355,10 +355,11 @@ def channel_stats(x, *, axis=1, ddof=0, method="auto"):
         (0: biased, as used to normalise; 1: unbiased, as used for running statistics).
     method : {"auto", "two_pass", "welford"}
         ``"two_pass"``: the mean in one pass over memory, then the corrected sum of squared
-        deviations in a second.  ``"welford"``: one pass over memory; each cache-sized chunk
-        gets its exact count, mean and M2 (two passes over the chunk while it is in cache),
-        and the chunks are merged in a fixed order with Chan's formula, chunk means carried as
-        a base plus an offset so that their differences stay exact.  Both accumulate in
+        deviations in a second.  ``"welford"``: one pass over memory; each run or tile gets its
+        count, mean and M2 from sums of deviations from one of its own values (the shifted-data
+        algorithm: deviations are of the order of the spread), and these are merged in a fixed
+        order with Chan's formula, means carried as a base plus an offset so that their
+        differences stay exact.  Both accumulate in
         float64 and are stable for data far from zero (float64 data with mean 1e8 and std 1
         gives the variance to ~1e-12 relative or better), unlike ``E[x^2] - E[x]^2``.  ``"auto"`` picks
         ``"welford"`` for float32 (one read of memory) and ``"two_pass"`` for float64.

@@ -16,6 +16,7 @@ negative-index wraparound cannot be proven dead and LLVM does not vectorise (mea
 import math
 
 import numba
+import numpy as np
 
 from .._config import helper, kernel
 from .merge import chan
@@ -35,15 +36,18 @@ def _run_sums(xr, center):
 
 @helper
 def _run_moments(xr):
-    """Mean (as ``hi + lo``) and sum of squared deviations of a run, by two passes over it
-    while it is in cache.  The second pass's sum of deviations ``d1`` corrects the mean's
-    rounding (the "corrected two-pass" formula of Chan, Golub & LeVeque); ``lo = d1 / n`` is
-    kept apart so the merge sees the mean to better than float64's resolution of ``hi``."""
+    """Mean (as ``hi + lo``) and sum of squared deviations of a run, in one pass.
+
+    The sums are taken of ``x - hi`` with ``hi = xr[0]``, a sample of the run: the deviations
+    are of the order of the run's spread, so ``sum(d^2) - sum(d)^2 / n`` loses only
+    ``eps * ((hi - mean) / std)^2`` relative, negligible unless the first element is an outlier
+    by ~1e4 standard deviations (float64 accumulators).  ``lo = sum(d) / n`` keeps the mean to
+    better than float64's resolution of ``hi`` for the merge (``merge.chan``).
+    """
     n = xr.shape[0]
-    total, _ = _run_sums(xr, 0.0)
-    m = total / n
-    d1, d2 = _run_sums(xr, m)
-    return m, d1 / n, d2 - d1 * d1 / n
+    hi = np.float64(xr[0])  # float() of a float32 stays float32 in Numba
+    d1, d2 = _run_sums(xr, hi)
+    return hi, d1 / n, d2 - d1 * d1 / n
 
 
 @helper
@@ -104,8 +108,8 @@ def _items(x, R, W, SB):
 def moments(x, R, W, SB, hi, lo, m2):
     """Per tile mean (``hi + lo``) and M2 of each channel into ``hi``, ``lo``, ``m2`` ``[K, C]``.
 
-    Each run's moments (two passes over the run in cache) are folded into the tile's with
-    Chan's update (``merge.chan``), so memory is read once.
+    Each run's moments (one shifted pass, ``_run_moments``) are folded into the tile's with
+    Chan's update (``merge.chan``): memory is read once.
     """
     for it in numba.prange(_items(x, R, W, SB)):
         k, n0, n1, c0, c1, s0, s1 = _tile(it, x, R, W, SB)

@@ -2,9 +2,8 @@
 
 Work items are tiles of ``R`` rows by ``W`` channels.  Inner loops run across channels, so they
 are unit-stride and vectorise; per-channel accumulators are a row of a partial buffer owned by
-the tile (``parts[k, c]`` for row block ``k``), merged afterwards in a fixed order.  A tile is
-small enough to stay in cache between the two passes of a per-tile reduction.  Inner loops index
-1-D slices from 0 so that Numba's negative-index handling does not block vectorisation.
+the tile (``parts[k, c]`` for row block ``k``), merged afterwards in a fixed order.  Inner loops
+index 1-D slices from 0 so that Numba's negative-index handling does not block vectorisation.
 """
 
 import numba
@@ -41,30 +40,27 @@ def _row_sums(xr, center, a1, a2):
 def moments(x, R, W, hi, lo, m2):
     """Per tile mean (``hi + lo``) and M2 of each channel into ``hi``, ``lo``, ``m2`` ``[K, C]``.
 
-    Two passes over the tile while it is in cache: one pass over memory, two-pass accuracy.
-    The second pass's sum of deviations corrects the first pass's mean; it is kept apart as
-    ``lo`` (see ``merge.chan``).
+    One pass over the tile: sums of ``x - hi`` with ``hi`` the tile's first row, a sample of
+    each channel, so the deviations are of the order of the spread (see the channels-first
+    ``_run_moments`` for the error bound).  Measured ~1.5x faster than two passes over the tile.
     """
     M, C, NB, items = _tiles(x, R, W)
     for it in numba.prange(items):
         k, r0, r1, c0, c1 = _tile(it, NB, R, W, M, C)
-        acc = hi[k, c0:c1]
-        dev = lo[k, c0:c1]
-        sq = m2[k, c0:c1]
-        acc[:] = 0.0
-        dev[:] = 0.0
-        sq[:] = 0.0
-        for r in range(r0, r1):
-            xr = x[r, c0:c1]
-            for c in range(xr.shape[0]):
-                acc[c] += xr[c]
+        h = hi[k, c0:c1]
+        s1 = lo[k, c0:c1]
+        s2 = m2[k, c0:c1]
+        x0 = x[r0, c0:c1]
+        for c in range(h.shape[0]):
+            h[c] = x0[c]
+            s1[c] = 0.0
+            s2[c] = 0.0
+        for r in range(r0 + 1, r1):
+            _row_sums(x[r, c0:c1], h, s1, s2)
         inv = 1.0 / (r1 - r0)
-        acc *= inv
-        for r in range(r0, r1):
-            _row_sums(x[r, c0:c1], acc, dev, sq)
-        for c in range(dev.shape[0]):
-            sq[c] -= dev[c] * dev[c] * inv
-            dev[c] *= inv
+        for c in range(h.shape[0]):
+            s2[c] -= s1[c] * s1[c] * inv
+            s1[c] *= inv
 
 
 @kernel

@@ -80,9 +80,9 @@ def affine_params(center, var, weight, bias, eps, count, narrow, out):
         scale = 1.0 / math.sqrt(var[c] + eps)
         if weight is not None:
             scale *= weight[c]
-        shift = 0.0 if bias is None else float(bias[c])
-        m = float(center[c])
-        r = float(np.float32(m)) if ok else m
+        shift = 0.0 if bias is None else np.float64(bias[c])
+        m = np.float64(center[c])
+        r = np.float64(np.float32(m)) if ok else m
         out[0, c] = r
         out[1, c] = scale
         out[2, c] = shift - (m - r) * scale
@@ -107,10 +107,10 @@ def backward_params(sums, mu, invstd, weight, count, training, narrow, out):
         if not (-1e30 < m < 1e30) or not (invstd[c] * invstd[c] * 1e74 > count):
             ok = False
     for c in range(C):
-        istd = float(invstd[c])
+        istd = np.float64(invstd[c])
         a = istd if weight is None else weight[c] * istd
-        m = float(mu[c])
-        r = float(np.float32(m)) if ok else m
+        m = np.float64(mu[c])
+        r = np.float64(np.float32(m)) if ok else m
         out[0, c] = r
         out[1, c] = a
         if training:
