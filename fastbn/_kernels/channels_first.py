@@ -196,22 +196,37 @@ def bwd_apply(x, dy, mu, a, b, d, dx, K):
             i += e - s
 
 
-@kernel
-def train_fused(x, weight, bias, eps, y, mean, var):
-    """Forward training in one call for tensors small enough to sit in cache whole (fewer
-    kernel launches is what matters there): statistics run by run, then normalisation."""
+@helper
+def _channel_moments(x, c):
+    """Mean and M2 of channel ``c``, run by run with Chan's update (for small tensors)."""
     N, C, S = x.shape
     nr = float(S)
-    for c in range(C):
-        base, off, m2 = _run_moments(x[0, c])
-        cnt = nr
-        for n in range(1, N):
-            m, ml, s = _run_moments(x[n, c])
-            off, m2 = chan(cnt, base, off, m2, nr, m, ml, s)
-            cnt += nr
-        mean[c] = base + off
-        var[c] = m2 / cnt
-    for n in numba.prange(N):
-        for c in range(C):
-            sc = weight[c] / math.sqrt(var[c] + eps)
-            _run_affine(x[n, c], y[n, c], mean[c], sc, bias[c], -math.inf)
+    base, off, m2 = _run_moments(x[0, c])
+    cnt = nr
+    for n in range(1, N):
+        m, ml, s = _run_moments(x[n, c])
+        off, m2 = chan(cnt, base, off, m2, nr, m, ml, s)
+        cnt += nr
+    return base + off, m2
+
+
+@kernel
+def stats_small(x, mean, m2):
+    """Per-channel mean and M2 in one call, for tensors small enough to sit in cache whole:
+    there the kernel launches, not the memory traffic, are the cost."""
+    for c in numba.prange(x.shape[1]):
+        mean[c], m2[c] = _channel_moments(x, c)
+
+
+@kernel
+def train_small(x, weight, bias, eps, y, mean, var):
+    """Forward training in one call for small tensors (see :func:`stats_small`)."""
+    N, C, S = x.shape
+    for c in numba.prange(C):
+        m, s = _channel_moments(x, c)
+        v = s / (N * S)
+        mean[c] = m
+        var[c] = v
+        sc = weight[c] / math.sqrt(v + eps)
+        for n in range(N):
+            _run_affine(x[n, c], y[n, c], m, sc, bias[c], -math.inf)
