@@ -238,9 +238,9 @@ def _cl_parts(arrays, C):
 def _reduce(p, name, arrays, params, nout=2):
     """Run the partial-reduction kernel ``name`` of the view's family.
 
-    Returns the ``nout`` partial buffers stacked as a ``(nout, C, K)`` view of a ``(nout, K, C)``
-    array (each tile owns a contiguous row), and the number of values behind each of the ``K``
-    partials.
+    Returns the ``nout`` partial buffers stacked as one ``(nout, K, C)`` array (each tile owns
+    a contiguous row), and the number of values behind each of the ``K`` partials (None except
+    for ``moments``).
     """
     C = p.C
     x3 = arrays[0]
@@ -251,12 +251,12 @@ def _reduce(p, name, arrays, params, nout=2):
         bufs = np.empty((nout, KN * KS, C))
         getattr(_cf, name)(x3.size, *arrays, *params, R, W, SB, *bufs)
         if name != "moments":  # only Chan's merge needs the counts
-            return bufs.transpose(0, 2, 1), None
+            return bufs, None
         rows = np.full(KN, float(R))
         rows[-1] = N - R * (KN - 1)
         lens = np.full(KS, float(SB))
         lens[-1] = S - SB * (KS - 1)
-        return bufs.transpose(0, 2, 1), np.outer(rows, lens).ravel()
+        return bufs, np.outer(rows, lens).ravel()
     parts, counts = [], []
     for views, P in _cl_parts(arrays, C):
         M, Cw = views[0].shape
@@ -270,7 +270,7 @@ def _reduce(p, name, arrays, params, nout=2):
         parts.append(bufs.reshape(nout, K * P, C))
         counts.append(np.repeat(n, P))
     bufs = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
-    return bufs.transpose(0, 2, 1), counts[0] if len(counts) == 1 else np.concatenate(counts)
+    return bufs, counts[0] if len(counts) == 1 else np.concatenate(counts)
 
 
 def _elementwise(p, name, inputs, params, scalars, out3):
@@ -288,11 +288,10 @@ def _elementwise(p, name, inputs, params, scalars, out3):
 
 
 def _merged_sums(parts):
-    """Sums over the last axis of ``(..., C, K)`` partials, in a fixed order."""
-    flat = parts.reshape(-1, parts.shape[-1])
-    out = np.empty(flat.shape[0])
-    _merge.merge_sums(flat.size, flat, out)
-    return out.reshape(parts.shape[:-1])
+    """Sums over the chunk axis of ``(nout, K, C)`` partials, in a fixed order: ``(nout, C)``."""
+    out = np.empty((parts.shape[0], parts.shape[2]))
+    _merge.merge_sums(parts.size, parts, out)
+    return out
 
 
 def _moments(p, x3, method, ddof=0):
@@ -300,7 +299,7 @@ def _moments(p, x3, method, ddof=0):
     L = float(x3.size // p.C)
     if method == "two_pass":
         parts, _ = _reduce(p, "sums", (x3,), (np.zeros(p.C),))
-        mean = _merged_sums(parts[0]) / L
+        mean = _merged_sums(parts)[0] / L
         parts, _ = _reduce(p, "sums", (x3,), (mean,))
         d1, d2 = _merged_sums(parts)
         # The sum of deviations from the computed mean corrects that mean's rounding error.

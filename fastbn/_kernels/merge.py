@@ -24,35 +24,60 @@ def chan(cnt, base, off, m2, nb, hi, lo, s):
     return off + d * f, m2 + s + d * d * (cnt * f)
 
 
+_BLOCK = 256  # channels per work item of a merge: vector-friendly, and parallel when C is large
+
+
 @kernel(exact=True)
 def merge_moments(count, hi, lo, m2, mean_out, var_out, ddof):
-    """Merge per-chunk moments ``(hi + lo, m2)[c, k]`` of ``count[k]`` values each, left to right
-    in a fixed order (not as threads finish), so results do not depend on the thread count."""
-    C, K = hi.shape
-    for c in numba.prange(C):
-        base = hi[c, 0]
-        off = lo[c, 0]
-        s = m2[c, 0]
+    """Merge per-chunk moments ``(hi + lo, m2)[k, c]`` of ``count[k]`` values each, chunk by
+    chunk in a fixed order (not as threads finish), so results do not depend on the thread
+    count.  The chunk loop is outside the channel loop: every chunk holds the same count for all
+    channels, so the weights are scalars and the inner loop vectorises across channels."""
+    K, C = hi.shape
+    for blk in numba.prange((C + _BLOCK - 1) // _BLOCK):
+        c0 = blk * _BLOCK
+        c1 = min(C, c0 + _BLOCK)
+        base = hi[0, c0:c1]
+        off = lo[0, c0:c1].copy()
+        s = m2[0, c0:c1].copy()
         n = count[0]
         for k in range(1, K):
             nb = count[k]
             if nb == 0:
                 continue
-            off, s = chan(n, base, off, s, nb, hi[c, k], lo[c, k], m2[c, k])
+            f = nb / (n + nb)
+            g = n * f
+            hk = hi[k, c0:c1]
+            lk = lo[k, c0:c1]
+            mk = m2[k, c0:c1]
+            for c in range(off.shape[0]):
+                # chan(), inlined by hand so that the loop vectorises across channels
+                d = ((hk[c] - base[c]) + lk[c]) - off[c]
+                off[c] += d * f
+                s[c] += mk[c] + d * d * g
             n += nb
-        mean_out[c] = base + off
-        var_out[c] = s / (n - ddof)
+        mo = mean_out[c0:c1]
+        vo = var_out[c0:c1]
+        for c in range(off.shape[0]):
+            mo[c] = base[c] + off[c]
+            vo[c] = s[c] / (n - ddof)
 
 
-@kernel
+@kernel(exact=True)
 def merge_sums(parts, out):
-    """``out[c] = sum_k parts[c, k]``, summed in a fixed order of ``k``."""
-    C, K = parts.shape
-    for c in numba.prange(C):
-        acc = 0.0
-        for k in range(K):
-            acc += parts[c, k]
-        out[c] = acc
+    """``out[j, c] = sum_k parts[j, k, c]``, summed in a fixed order of ``k`` (vectorised across
+    channels)."""
+    J, K, C = parts.shape
+    for blk in numba.prange((C + _BLOCK - 1) // _BLOCK):
+        c0 = blk * _BLOCK
+        c1 = min(C, c0 + _BLOCK)
+        for j in range(J):
+            o = out[j, c0:c1]
+            o[:] = 0.0
+            for k in range(K):
+                pk = parts[j, k, c0:c1]
+                for c in range(o.shape[0]):
+                    o[c] += pk[c]
 
 
 @helper(exact=True)
