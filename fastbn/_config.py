@@ -4,6 +4,7 @@ Nothing here compiles anything: importing fastbn must stay cheap.  Kernels are j
 on first call (see :func:`kernel`).
 """
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -66,10 +67,6 @@ CHUNK = 1 << 14
 MIN_ITEMS = 64
 
 
-class _State(threading.local):
-    pass
-
-
 _forked_omp = False
 
 
@@ -96,31 +93,28 @@ def force_serial():
 
 
 _workqueue_lock = threading.Lock()
+_SAFE_LAYERS = ("tbb", "omp")
+_guard = None  # decided once the threading layer is known
 
 
 def parallel_guard():
-    """A lock to hold around parallel calls when the active layer is not thread-safe.
+    """A context manager to hold around parallel calls.
 
-    Only `workqueue` needs it; with any other layer this returns a no-op context manager.
+    A lock when the threading layer may be `workqueue` (only if the user asked for it or for a
+    layer that can fall back to it), so concurrent callers take turns instead of aborting the
+    process; a no-op context otherwise.
     """
+    global _guard
+    if _guard is not None:
+        return _guard
     try:
         layer = numba.threading_layer()
-    except ValueError:
-        layer = None
-    if layer == "workqueue":
-        return _workqueue_lock
-    return _NULL
-
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NULL = _Null()
+    except ValueError:  # not started yet: judge by what was requested
+        requested = str(numba.config.THREADING_LAYER).lower()
+        safe = requested in _SAFE_LAYERS + ("threadsafe",)
+        return contextlib.nullcontext() if safe else _workqueue_lock
+    _guard = contextlib.nullcontext() if layer in _SAFE_LAYERS else _workqueue_lock
+    return _guard
 
 
 def _clone(func, suffix):
