@@ -81,9 +81,15 @@ def _channel_vector(v, name, C, writeable=False):
     return v
 
 
+def _native(v):
+    """``v`` in native byte order (Numba compiles for native order only); a copy if not."""
+    return v if v.dtype.isnative else v.astype(v.dtype.newbyteorder("="))
+
+
 def _param(v, name, C):
-    """An optional per-channel parameter, validated (None stays None)."""
-    return None if v is None else _channel_vector(v, name, C)
+    """An optional per-channel parameter, validated and in native byte order for the kernels
+    (None stays None)."""
+    return None if v is None else _native(_channel_vector(v, name, C))
 
 
 def _f64(v, name, C, default):
@@ -294,6 +300,16 @@ def _merged_sums(parts):
     return out
 
 
+def _overflowed(var, d1):
+    """A variance whose squares overflowed (finite data, spread beyond ~1e154 in float64) comes
+    out as inf - inf = NaN; it is +inf.  NaN from NaN or infinite data (``d1`` not finite)
+    stays NaN."""
+    bad = np.isnan(var) & np.isfinite(d1)
+    if bad.any():
+        var = np.where(bad, np.inf, var)
+    return var
+
+
 def _moments(p, x3, method, ddof=0):
     """Per-channel float64 mean and variance (divided by L - ddof) of the kernel view."""
     L = float(x3.size // p.C)
@@ -303,7 +319,7 @@ def _moments(p, x3, method, ddof=0):
         parts, _ = _reduce(p, "sums", (x3,), (mean,))
         d1, d2 = _merged_sums(parts)
         # The sum of deviations from the computed mean corrects that mean's rounding error.
-        return mean + d1 / L, (d2 - d1 * d1 / L) / (L - ddof)
+        return mean + d1 / L, _overflowed((d2 - d1 * d1 / L) / (L - ddof), d1)
     if _fuse(p, x3):
         mean = np.empty(p.C)
         m2 = np.empty(p.C)
@@ -458,8 +474,8 @@ def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, ep
         raise ValueError(f"activation must be None or 'relu', got {activation!r}")
     eps = _positive(eps, "eps")
     C = x.shape[axis]
-    rm = _channel_vector(_required(running_mean, "running_mean"), "running_mean", C)
-    rv = _channel_vector(_required(running_var, "running_var"), "running_var", C)
+    rm = _param(_required(running_mean, "running_mean"), "running_mean", C)
+    rv = _param(_required(running_var, "running_var"), "running_var", C)
     w = _param(weight, "weight", C)
     b = _param(bias, "bias", C)
     y = _new_output(x) if out is None else _check_out(out, x, inputs=((x, "x"),))
@@ -528,11 +544,13 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
         _elementwise(p, "bwd_apply", (x3, dy3), tuple(params), (), dx3)
     else:
         # Evaluation mode: dx = a * dy does not depend on x (an infinite x must not give NaN).
-        _elementwise(p, "affine", (dy3,), (params[3], params[1], params[3]),
-                     (params.dtype.type(_NEG_INF),), dx3)
+        zero = np.zeros(C, params.dtype)
+        _elementwise(p, "affine", (dy3,), (zero, params[1], zero), (params.dtype.type(_NEG_INF),),
+                     dx3)
     if finish is not None:
         finish()
-    return dx, (sums[1] * istd).astype(x.dtype), sums[0].astype(x.dtype)
+    with np.errstate(over="ignore"):  # a float32 gradient sum beyond the range is +-inf, rightly
+        return dx, (sums[1] * istd).astype(x.dtype), sums[0].astype(x.dtype)
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, *, training=False,

@@ -35,6 +35,16 @@ def _run_sums(xr, center):
 
 
 @helper
+def _m2(d1, d2, n):
+    """``d2 - d1^2 / n``; +inf rather than inf - inf = NaN when only the squares overflowed
+    (finite data whose spread exceeds the float64 range when squared)."""
+    m2 = d2 - d1 * (d1 / n)
+    if m2 != m2 and d1 - d1 == 0.0:  # NaN result, finite sum of deviations
+        return math.inf
+    return m2
+
+
+@helper
 def _run_moments(xr):
     """Mean (as ``hi + lo``) and sum of squared deviations of a run, in one pass.
 
@@ -47,7 +57,7 @@ def _run_moments(xr):
     n = xr.shape[0]
     hi = np.float64(xr[0])  # float() of a float32 stays float32 in Numba
     d1, d2 = _run_sums(xr, hi)
-    return hi, d1 / n, d2 - d1 * d1 / n
+    return hi, d1 / n, _m2(d1, d2, n)
 
 
 @helper
@@ -77,9 +87,11 @@ def _run_affine(xr, yr, center, scale, shift, lo):
 
 
 @helper(exact=True)
-def _run_bwd_apply(xr, gr, dr, mu, a, b, d):
+def _run_bwd_apply(xr, gr, dr, mu, a, q, r):
+    # a * (dy + q * (x - mu) + r): each factor stays near the data's scale (see
+    # merge.backward_params), so float32 lanes neither underflow nor overflow
     for t in range(xr.shape[0]):
-        dr[t] = a * gr[t] + b * (xr[t] - mu) + d
+        dr[t] = a * ((gr[t] + q * (xr[t] - mu)) + r)
 
 
 @helper
@@ -183,8 +195,8 @@ def affine(x, center, scale, shift, lo, y, K):
 
 
 @kernel(exact=True)
-def bwd_apply(x, dy, mu, a, b, d, dx, K):
-    """Elementwise ``dx = a[c] * dy + b[c] * (x - mu[c]) + d[c]``, in ``K`` flat ranges."""
+def bwd_apply(x, dy, mu, a, q, r, dx, K):
+    """Elementwise ``dx = a[c] * (dy + q[c] * (x - mu[c]) + r[c])``, in ``K`` flat ranges."""
     N, C, S = x.shape
     T = N * C * S
     for k in numba.prange(K):
@@ -192,7 +204,7 @@ def bwd_apply(x, dy, mu, a, b, d, dx, K):
         i1 = (k + 1) * T // K
         while i < i1:
             n, c, s, e = _flat_run(i, i1, S, C)
-            _run_bwd_apply(x[n, c, s:e], dy[n, c, s:e], dx[n, c, s:e], mu[c], a[c], b[c], d[c])
+            _run_bwd_apply(x[n, c, s:e], dy[n, c, s:e], dx[n, c, s:e], mu[c], a[c], q[c], r[c])
             i += e - s
 
 

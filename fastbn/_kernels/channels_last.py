@@ -7,8 +7,10 @@ index 1-D slices from 0 so that Numba's negative-index handling does not block v
 """
 
 import numba
+import numpy as np
 
 from .._config import helper, kernel
+from .channels_first import _m2
 
 
 @helper
@@ -72,9 +74,13 @@ def _rows_bwd_sums(x, dy, r0, r1, c0, c1, mu, a1, a2):
         gd = dy[r + 3, c0:c1]
         for c in range(xa.shape[0]):
             m = mu[c]
-            a1[c] += (ga[c] + gb[c]) + (gc[c] + gd[c])
-            a2[c] += (ga[c] * (xa[c] - m) + gb[c] * (xb[c] - m)) + (
-                gc[c] * (xc[c] - m) + gd[c] * (xd[c] - m))
+            # float64 before adding: four float32 gradients near the maximum overflow
+            g0 = np.float64(ga[c])
+            g1 = np.float64(gb[c])
+            g2 = np.float64(gc[c])
+            g3 = np.float64(gd[c])
+            a1[c] += (g0 + g1) + (g2 + g3)
+            a2[c] += (g0 * (xa[c] - m) + g1 * (xb[c] - m)) + (g2 * (xc[c] - m) + g3 * (xd[c] - m))
         r += 4
     for q in range(r, r1):
         xr = x[q, c0:c1]
@@ -105,10 +111,10 @@ def moments(x, R, W, hi, lo, m2):
             s1[c] = 0.0
             s2[c] = 0.0
         _rows_sums(x, r0 + 1, r1, c0, c1, h, s1, s2)
-        inv = 1.0 / (r1 - r0)
+        n = float(r1 - r0)
         for c in range(h.shape[0]):
-            s2[c] -= s1[c] * s1[c] * inv
-            s1[c] *= inv
+            s2[c] = _m2(s1[c], s2[c], n)
+            s1[c] /= n
 
 
 @kernel
@@ -158,18 +164,18 @@ def affine(x, center, scale, shift, lo, y, R, W):
 
 
 @kernel(exact=True)
-def bwd_apply(x, dy, mu, a, b, d, dx, R, W):
-    """Elementwise ``dx = a[c] * dy + b[c] * (x - mu[c]) + d[c]``."""
+def bwd_apply(x, dy, mu, a, q, r, dx, R, W):
+    """Elementwise ``dx = a[c] * (dy + q[c] * (x - mu[c]) + r[c])``."""
     M, C, NB, items = _tiles(x, R, W)
     for it in numba.prange(items):
         k, r0, r1, c0, c1 = _tile(it, NB, R, W, M, C)
         m = mu[c0:c1]
         ac = a[c0:c1]
-        bc = b[c0:c1]
-        dc = d[c0:c1]
-        for r in range(r0, r1):
-            xr = x[r, c0:c1]
-            gr = dy[r, c0:c1]
-            dr = dx[r, c0:c1]
+        qc = q[c0:c1]
+        rc = r[c0:c1]
+        for row in range(r0, r1):
+            xr = x[row, c0:c1]
+            gr = dy[row, c0:c1]
+            dr = dx[row, c0:c1]
             for c in range(xr.shape[0]):
-                dr[c] = ac[c] * gr[c] + bc[c] * (xr[c] - m[c]) + dc[c]
+                dr[c] = ac[c] * ((gr[c] + qc[c] * (xr[c] - m[c])) + rc[c])

@@ -87,62 +87,79 @@ def affine_params(center, var, weight, bias, eps, count, narrow, out):
 
     With ``narrow`` (float32 data) the pass runs in float32 lanes, twice as wide: ``c`` is the
     centre rounded to float32, so that ``x - c`` is exact for ``x`` near it, and the rounding
-    ``center - c`` moves into the shift.  Returns False, keeping float64 parameters, when float32
-    ``x - c`` could overflow: a centre beyond 1e30, or (``count > 0``: training, where ``var`` is
-    the batch variance of ``count`` values) a spread ``sqrt(var * count)``, which bounds
-    ``max |x - mean|``, beyond 1e37.  One compiled call replaces a dozen NumPy calls on small
-    tensors.
+    ``center - c`` moves into the shift.  Returns False, keeping float64 parameters, when that
+    could overflow or lose precision: a coefficient outside float32's comfortable range, or
+    (``count > 0``: training, ``var`` the batch variance of ``count`` values) a spread
+    ``sqrt(var * count)``, which bounds ``max |x - mean|``, beyond 1e37.  One compiled call
+    replaces a dozen NumPy calls on small tensors.
     """
     C = center.shape[0]
     ok = narrow
     for c in range(C):
-        m = center[c]
-        if not (-1e30 < m < 1e30):
-            ok = False
-        if count > 0 and not (var[c] * count < 1e74):
-            ok = False
-    for c in range(C):
         scale = 1.0 / math.sqrt(var[c] + eps)
         if weight is not None:
             scale *= weight[c]
-        shift = 0.0 if bias is None else np.float64(bias[c])
         m = np.float64(center[c])
-        r = np.float64(np.float32(m)) if ok else m
-        out[0, c] = r
+        out[0, c] = m
         out[1, c] = scale
-        out[2, c] = shift - (m - r) * scale
+        out[2, c] = 0.0 if bias is None else np.float64(bias[c])
+        if ok and not (_fits32(m) and _fits32(scale) and _fits32(out[2, c])
+                       and (count == 0 or var[c] * count < 1e74)):
+            ok = False
+    if ok:
+        for c in range(C):
+            m = out[0, c]
+            r = np.float64(np.float32(m))
+            out[2, c] -= (m - r) * out[1, c]
+            out[0, c] = r
     return ok
 
 
 @helper(exact=True)
 def backward_params(sums, mu, invstd, weight, count, training, narrow, out):
-    """Per-channel ``(m, a, b, d)`` rows of ``out`` (float64, shape (4, C)) for the elementwise
-    pass ``dx = a * dy + b * (x - m) + d``, from ``sums[0] = sum(dy)`` and
+    """Per-channel ``(m, a, q, r)`` rows of ``out`` (float64, shape (4, C)) for the elementwise
+    pass ``dx = a * (dy + q * (x - m) + r)``, from ``sums[0] = sum(dy)`` and
     ``sums[1] = sum(dy * (x - mu))`` over ``count`` values per channel.
 
-    Training mode: ``a = weight * invstd``, ``b = -a * invstd^2 * sums[1] / count``,
-    ``d = -a * sums[0] / count``; evaluation mode: ``b = d = 0`` (``m`` is then irrelevant).
-    ``narrow`` and the return value work as in :func:`affine_params` (the spread bound is
-    ``sqrt(count) / invstd``).
+    Training mode: ``a = weight * invstd``, ``k = invstd * sums[1] / count`` (the mean of
+    ``dy * xhat``), ``q = -invstd * k``, ``r = -sums[0] / count``; evaluation mode:
+    ``q = r = 0``.  Factored this way every coefficient is within a few orders of magnitude of
+    ``dy`` or ``1 / std``, where the expanded ``a * invstd^2 * ...`` would underflow or
+    overflow for data far from unit scale.  ``narrow`` and the return value work as in
+    :func:`affine_params`: float32 parameters only when every coefficient and the spread
+    ``sqrt(count) / invstd`` sit well inside float32's range.
     """
     C = mu.shape[0]
     ok = narrow
     for c in range(C):
-        m = mu[c]
-        if not (-1e30 < m < 1e30) or not (invstd[c] * invstd[c] * 1e74 > count):
-            ok = False
-    for c in range(C):
         istd = np.float64(invstd[c])
         a = istd if weight is None else weight[c] * istd
         m = np.float64(mu[c])
-        r = np.float64(np.float32(m)) if ok else m
-        out[0, c] = r
-        out[1, c] = a
+        q = 0.0
+        r = 0.0
         if training:
-            b = -a * istd * istd * sums[1, c] / count
-            out[2, c] = b
-            out[3, c] = -a * sums[0, c] / count - (m - r) * b
-        else:
-            out[2, c] = 0.0
-            out[3, c] = 0.0
+            q = -istd * (istd * sums[1, c] / count)
+            r = -sums[0, c] / count
+        if ok and not (_fits32(m) and _fits32(a) and _fits32(q) and _fits32(r)
+                       and istd * istd * 1e74 > count):
+            ok = False
+        out[0, c] = m
+        out[1, c] = a
+        out[2, c] = q
+        out[3, c] = r
+    if ok:
+        for c in range(C):
+            # the centre's float32 rounding moves into r: q * (x - m) = q * (x - m32) - q * (m - m32)
+            m = out[0, c]
+            r32 = np.float64(np.float32(m))
+            out[3, c] -= out[2, c] * (m - r32)
+            out[0, c] = r32
     return ok
+
+
+@helper(exact=True)
+def _fits32(v):
+    """Whether ``v`` is zero or well inside float32's normal range (products of two such
+    coefficients with data stay representable)."""
+    a = abs(v)
+    return a == 0.0 or 1e-30 < a < 1e30
