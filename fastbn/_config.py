@@ -58,8 +58,8 @@ FASTMATH = frozenset({"reassoc", "contract", "nsz"})
 # exceeds the work, so the serial build of the same kernel runs instead.
 SERIAL_BELOW = 1 << 15
 
-# Work items of roughly this many elements: small enough that a chunk stays in L1/L2 between
-# the two passes of a per-chunk reduction, large enough that per-item overhead is negligible.
+# Work items of roughly this many elements: many items for load balance, each large enough
+# that per-item overhead (partial-buffer rows, loop setup) is negligible.
 CHUNK = 1 << 14
 
 # Fixed number of work items we aim for, independent of the thread count, so that reduction

@@ -172,10 +172,10 @@ _MIN_ROWS = 32  # channels-last reductions: rows per tile, so partial buffers st
 def _cf_tiles(N, C, S, itemsize):
     """Tile (R rows, W channels, SB positions) for a channels-first reduction.
 
-    Runs longer than a chunk are split along ``S`` so a run stays in cache between the two
-    passes over it; rows per tile keep the partial buffers (16 bytes per channel per tile row)
-    under ~1/32 of the data; channels are split last, only as far as needed for
-    ``MIN_ITEMS`` work items.
+    Runs longer than a chunk are split along ``S``, so that long runs with few channels
+    (N = 1, C = 3) still give many work items; rows per tile keep the partial buffers (24 bytes
+    per channel per tile row) small next to the data; channels are split last, only as far as
+    needed for ``MIN_ITEMS`` work items.
     """
     chunk = _config.CHUNK
     KS = -(-S // chunk)
