@@ -534,6 +534,13 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
     x3 = p.as_input(x)
     dy3 = p.as_input(dy)
     dx3, finish = p.output(dx)
+    if _fuse(p, x3):
+        sums = np.empty((2, C))
+        _cf.backward_small(x3.size, x3, dy3, mu, istd, _f64(weight, "weight", C, 1.0), training,
+                           dx3, sums)
+        if finish is not None:
+            finish()
+        return _grads(x, sums, istd, dx)
     parts, _ = _reduce(p, "bwd_sums", (x3, dy3), (mu,))
     sums = _merged_sums(parts)
     params = np.empty((4, C))
@@ -549,6 +556,11 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
                      dx3)
     if finish is not None:
         finish()
+    return _grads(x, sums, istd, dx)
+
+
+def _grads(x, sums, istd, dx):
+    """``(dx, dweight, dbias)`` from the merged sums ``(sum dy, sum dy * (x - mean))``."""
     with np.errstate(over="ignore"):  # a float32 gradient sum beyond the range is +-inf, rightly
         return dx, (sums[1] * istd).astype(x.dtype), sums[0].astype(x.dtype)
 

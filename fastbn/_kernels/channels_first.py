@@ -242,3 +242,33 @@ def train_small(x, weight, bias, eps, y, mean, var):
         sc = weight[c] / math.sqrt(v + eps)
         for n in range(N):
             _run_affine(x[n, c], y[n, c], m, sc, bias[c], -math.inf)
+
+
+@kernel
+def backward_small(x, dy, mu, invstd, weight, training, dx, sums):
+    """Backward in one call for small tensors (see :func:`stats_small`): per channel, the sums
+    ``sums[0] = sum(dy)`` and ``sums[1] = sum(dy * (x - mu))``, then ``dx`` in the factored form
+    of ``merge.backward_params``, in float64."""
+    N, C, S = x.shape
+    L = float(N * S)
+    for c in numba.prange(C):
+        m = mu[c]
+        sg = 0.0
+        sgx = 0.0
+        for n in range(N):
+            u, v = _run_bwd_sums(x[n, c], dy[n, c], m)
+            sg += u
+            sgx += v
+        sums[0, c] = sg
+        sums[1, c] = sgx
+        istd = invstd[c]
+        a = weight[c] * istd
+        if training:
+            q = -istd * (istd * sgx / L)
+            r = -sg / L
+            for n in range(N):
+                _run_bwd_apply(x[n, c], dy[n, c], dx[n, c], m, a, q, r)
+        else:
+            # evaluation mode: dx = a * dy, independent of x (an infinite x must not give NaN)
+            for n in range(N):
+                _run_affine(dy[n, c], dx[n, c], 0.0, a, 0.0, -math.inf)
