@@ -92,6 +92,11 @@ def _param(v, name, C):
     return None if v is None else _native(_channel_vector(v, name, C))
 
 
+def _filled(v, C, default):
+    """An already validated optional parameter as float64, ``default`` everywhere if None."""
+    return np.full(C, default) if v is None else v.astype(np.float64)
+
+
 def _f64(v, name, C, default):
     """A per-channel parameter as a float64 vector for the kernels (``default`` if None)."""
     if v is None:
@@ -417,8 +422,7 @@ def _train(x, axis, weight, bias, eps, out):
     if _fuse(p, x):
         mean = np.empty(C)
         var = np.empty(C)
-        _cf.train_small(x3.size, x3, _f64(w, "weight", C, 1.0), _f64(b, "bias", C, 0.0), eps, y3,
-                        mean, var)
+        _cf.train_small(x3.size, x3, _filled(w, C, 1.0), _filled(b, C, 0.0), eps, y3, mean, var)
     else:
         mean, var = _moments(p, x3, "welford")
         _affine(p, x3, y3, mean, var, w, b, eps, _NEG_INF, x3.size // C)
@@ -536,8 +540,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
     dx3, finish = p.output(dx)
     if _fuse(p, x3):
         sums = np.empty((2, C))
-        _cf.backward_small(x3.size, x3, dy3, mu, istd, _f64(weight, "weight", C, 1.0), training,
-                           dx3, sums)
+        _cf.backward_small(x3.size, x3, dy3, mu, istd, _filled(w, C, 1.0), training, dx3, sums)
         if finish is not None:
             finish()
         return _grads(x, sums, istd, dx)
