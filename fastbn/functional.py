@@ -42,7 +42,7 @@ def _array(a, name):
     dt = a.dtype
     if dt not in _FLOATS:
         if dt.kind == "f" and dt.newbyteorder("=") in _FLOATS:
-            return a.astype(dt.newbyteorder("="))  # a non-native byte order: one copy
+            return _native(a)
         raise TypeError(f"{name} must be float32 or float64, got dtype {dt}")
     return a
 
@@ -97,11 +97,9 @@ def _filled(v, C, default):
     return np.full(C, default) if v is None else v.astype(np.float64)
 
 
-def _f64(v, name, C, default):
-    """A per-channel parameter as a float64 vector for the kernels (``default`` if None)."""
-    if v is None:
-        return np.full(C, default)
-    return np.asarray(_channel_vector(v, name, C), dtype=np.float64)
+def _f64(v, name, C):
+    """A required per-channel array as a float64 vector for the kernels."""
+    return np.asarray(_channel_vector(_required(v, name), name, C), dtype=np.float64)
 
 
 def _positive(value, name):
@@ -526,8 +524,8 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
     if dy.dtype != x.dtype:
         raise TypeError(f"dy must have the dtype of x ({x.dtype}), got {dy.dtype}")
     C = x.shape[axis]
-    mu = _f64(_required(mean, "mean"), "mean", C, 0.0)
-    istd = _f64(_required(invstd, "invstd"), "invstd", C, 1.0)
+    mu = _f64(mean, "mean", C)
+    istd = _f64(invstd, "invstd", C)
     w = _param(weight, "weight", C)
     dx = _new_output(x) if out is None else _check_out(out, x, inputs=((x, "x"), (dy, "dy")))
     L = _values_per_channel(x, axis)
