@@ -52,6 +52,26 @@ import numba  # noqa: E402  (after the environment is set up)
 # kernels get no fast-math flags at all: they vectorize without them, and `reassoc` would let
 # LLVM fold the two-part centre `(x - hi) - lo` into `x - (hi + lo)` differently in the serial
 # and the parallel build, so results would depend on the thread count.
+def _last_level_cache(default=32 << 20):
+    """Bytes of the largest CPU cache (Linux sysfs), or ``default`` where it cannot be read."""
+    sizes = []
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in os.listdir(root):
+            with open(os.path.join(root, entry, "size")) as f:
+                text = f.read().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            sizes.append(int(text.rstrip("KMG")) * scale)
+    except (OSError, ValueError):
+        pass
+    return max(sizes, default=default)
+
+
+# Outputs at least this large are written with non-temporal stores: they cannot stay in cache
+# anyway, and skipping the write-allocate read measured 1.5x faster on a 100 MB inference; at
+# 25 MB with a 32 MB last-level cache the two kinds of store tied.
+STREAM_BYTES = _last_level_cache()
+
 FASTMATH = frozenset({"reassoc", "contract", "nsz"})
 
 # Below this many elements a parallel region's launch cost (a few microseconds per prange)

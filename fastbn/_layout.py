@@ -46,20 +46,29 @@ class Plan:
     __slots__ = ("shape", "axis", "C", "perm", "index", "shape3", "channels_last", "trivial")
 
     def view(self, a):
-        """``a`` as the kernel view without copying, or None if that is impossible."""
+        """``a`` as the kernel view without copying, or None if that is impossible.
+
+        Kernels read and write the last axis of a view as contiguous, aligned vectors
+        (see _kernels.simd), so a view with a gap or misalignment there does not count."""
+        if not a.flags.aligned:
+            return None
         if self.trivial and a.flags.c_contiguous:
             return a.reshape(self.shape3)
         v = a
         if self.index is not None:
             v = v[self.index]
-        return _reshape_nocopy(v.transpose(self.perm), self.shape3)
+        v = _reshape_nocopy(v.transpose(self.perm), self.shape3)
+        if v is not None and v.shape[-1] > 1 and v.strides[-1] != v.itemsize:
+            return None
+        return v
 
     def as_input(self, a):
         """The kernel view of ``a``, copying once if the strides allow no view."""
         v = self.view(a)
         if v is None:
             v = a if self.index is None else a[self.index]
-            v = np.ascontiguousarray(v.transpose(self.perm)).reshape(self.shape3)
+            # a fresh array: contiguous and aligned even where ``a`` was contiguous but not
+            v = np.array(v.transpose(self.perm), order="C").reshape(self.shape3)
         return v
 
     def output(self, out):

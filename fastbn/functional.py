@@ -285,15 +285,16 @@ def _reduce(p, name, arrays, params, nout=2):
 def _elementwise(p, name, inputs, params, scalars, out3):
     """Run the elementwise kernel ``name`` of the view's family: ``out3`` from ``inputs`` and
     per-channel ``params``."""
+    nt = out3.nbytes >= _config.STREAM_BYTES
     if not p.channels_last:
         x3 = inputs[0]
-        getattr(_cf, name)(x3.size, *inputs, *params, *scalars, out3, _cf_flat_items(x3.size))
+        getattr(_cf, name)(x3.size, *inputs, *params, *scalars, out3, _cf_flat_items(x3.size), nt)
         return
     for views, P in _cl_parts(inputs + (out3,), p.C):
         M, Cw = views[0].shape
         R, W = _cl_tiles(M, Cw, False)
         tiled = params if P == 1 else tuple(np.tile(q, P) for q in params)
-        getattr(_cl, name)(views[0].size, *views[:-1], *tiled, *scalars, views[-1], R, W)
+        getattr(_cl, name)(views[0].size, *views[:-1], *tiled, *scalars, views[-1], R, W, nt)
 
 
 def _merged_sums(parts):

@@ -20,6 +20,7 @@ import numpy as np
 
 from .._config import helper, kernel
 from .merge import chan
+from .simd import affine_run, affine_run_nt, at, bwd_apply_run, bwd_apply_run_nt, fence
 
 
 @helper
@@ -78,20 +79,15 @@ def _run_affine(xr, yr, center, scale, shift, lo):
     # to the spread (``x * scale + shift`` would cancel catastrophically): ``x - center`` is
     # exact for ``x`` near ``center``, and the centre's rounding is folded into ``shift`` (see
     # functional._affine), so the arithmetic runs in float32 lanes for float32 data.  ``lo``
-    # is -inf without ReLU; the comparison is written so that NaN passes through.
-    for t in range(xr.shape[0]):
-        v = (xr[t] - center) * scale + shift
-        if v < lo:
-            v = lo
-        yr[t] = v
+    # is -inf without ReLU; NaN passes through.
+    affine_run((at(xr, (0,)),), at(yr, (0,)), xr.shape[0], (center, scale, shift, lo))
 
 
 @helper(exact=True)
 def _run_bwd_apply(xr, gr, dr, mu, a, q, r):
     # a * (dy + q * (x - mu) + r): each factor stays near the data's scale (see
     # merge.backward_params), so float32 lanes neither underflow nor overflow
-    for t in range(xr.shape[0]):
-        dr[t] = a * ((gr[t] + q * (xr[t] - mu)) + r)
+    bwd_apply_run((at(xr, (0,)), at(gr, (0,))), at(dr, (0,)), xr.shape[0], (mu, a, q, r))
 
 
 @helper
@@ -180,9 +176,9 @@ def _flat_run(i, i1, S, C):
 
 
 @kernel(exact=True)
-def affine(x, center, scale, shift, lo, y, K):
+def affine(x, center, scale, shift, lo, y, K, nt):
     """Elementwise ``y = max((x - center[c]) * scale[c] + shift[c], lo)``, in ``K`` equal
-    ranges of flat positions."""
+    ranges of flat positions; ``nt``: stream ``y`` past the cache (see simd)."""
     N, C, S = x.shape
     T = N * C * S
     for k in numba.prange(K):
@@ -190,12 +186,20 @@ def affine(x, center, scale, shift, lo, y, K):
         i1 = (k + 1) * T // K
         while i < i1:
             n, c, s, e = _flat_run(i, i1, S, C)
-            _run_affine(x[n, c, s:e], y[n, c, s:e], center[c], scale[c], shift[c], lo)
+            src = (at(x, (n, c, s)),)
+            dst = at(y, (n, c, s))
+            par = (center[c], scale[c], shift[c], lo)
+            if nt:
+                affine_run_nt(src, dst, e - s, par)
+            else:
+                affine_run(src, dst, e - s, par)
             i += e - s
+        if nt:
+            fence()
 
 
 @kernel(exact=True)
-def bwd_apply(x, dy, mu, a, q, r, dx, K):
+def bwd_apply(x, dy, mu, a, q, r, dx, K, nt):
     """Elementwise ``dx = a[c] * (dy + q[c] * (x - mu[c]) + r[c])``, in ``K`` flat ranges."""
     N, C, S = x.shape
     T = N * C * S
@@ -204,8 +208,16 @@ def bwd_apply(x, dy, mu, a, q, r, dx, K):
         i1 = (k + 1) * T // K
         while i < i1:
             n, c, s, e = _flat_run(i, i1, S, C)
-            _run_bwd_apply(x[n, c, s:e], dy[n, c, s:e], dx[n, c, s:e], mu[c], a[c], q[c], r[c])
+            src = (at(x, (n, c, s)), at(dy, (n, c, s)))
+            dst = at(dx, (n, c, s))
+            par = (mu[c], a[c], q[c], r[c])
+            if nt:
+                bwd_apply_run_nt(src, dst, e - s, par)
+            else:
+                bwd_apply_run(src, dst, e - s, par)
             i += e - s
+        if nt:
+            fence()
 
 
 @helper

@@ -11,6 +11,7 @@ import numpy as np
 
 from .._config import helper, kernel
 from .channels_first import _m2
+from .simd import affine_run, affine_run_nt, at, bwd_apply_run, bwd_apply_run_nt, fence
 
 
 @helper
@@ -144,38 +145,35 @@ def bwd_sums(x, dy, mu, R, W, sg, sgx):
 
 
 @kernel(exact=True)
-def affine(x, center, scale, shift, lo, y, R, W):
+def affine(x, center, scale, shift, lo, y, R, W, nt):
     """Elementwise ``y = max((x - center[c]) * scale[c] + shift[c], lo)``; NaN passes through
-    (centring as in the channels-first kernel)."""
+    (centring as in the channels-first kernel).  Each row of a tile is one vector run with
+    per-element parameters; ``nt``: stream ``y`` past the cache (see simd)."""
     M, C, NB, items = _tiles(x, R, W)
     for it in numba.prange(items):
         k, r0, r1, c0, c1 = _tile(it, NB, R, W, M, C)
-        ce = center[c0:c1]
-        sc = scale[c0:c1]
-        sh = shift[c0:c1]
+        par = (at(center, (c0,)), at(scale, (c0,)), at(shift, (c0,)), lo)
         for r in range(r0, r1):
-            xr = x[r, c0:c1]
-            yr = y[r, c0:c1]
-            for c in range(xr.shape[0]):
-                v = (xr[c] - ce[c]) * sc[c] + sh[c]
-                if v < lo:
-                    v = lo
-                yr[c] = v
+            if nt:
+                affine_run_nt((at(x, (r, c0)),), at(y, (r, c0)), c1 - c0, par)
+            else:
+                affine_run((at(x, (r, c0)),), at(y, (r, c0)), c1 - c0, par)
+        if nt:
+            fence()
 
 
 @kernel(exact=True)
-def bwd_apply(x, dy, mu, a, q, r, dx, R, W):
-    """Elementwise ``dx = a[c] * (dy + q[c] * (x - mu[c]) + r[c])``."""
+def bwd_apply(x, dy, mu, a, q, r, dx, R, W, nt):
+    """Elementwise ``dx = a[c] * (dy + q[c] * (x - mu[c]) + r[c])``, rows as in ``affine``."""
     M, C, NB, items = _tiles(x, R, W)
     for it in numba.prange(items):
         k, r0, r1, c0, c1 = _tile(it, NB, R, W, M, C)
-        m = mu[c0:c1]
-        ac = a[c0:c1]
-        qc = q[c0:c1]
-        rc = r[c0:c1]
+        par = (at(mu, (c0,)), at(a, (c0,)), at(q, (c0,)), at(r, (c0,)))
         for row in range(r0, r1):
-            xr = x[row, c0:c1]
-            gr = dy[row, c0:c1]
-            dr = dx[row, c0:c1]
-            for c in range(xr.shape[0]):
-                dr[c] = ac[c] * ((gr[c] + qc[c] * (xr[c] - m[c])) + rc[c])
+            src = (at(x, (row, c0)), at(dy, (row, c0)))
+            if nt:
+                bwd_apply_run_nt(src, at(dx, (row, c0)), c1 - c0, par)
+            else:
+                bwd_apply_run(src, at(dx, (row, c0)), c1 - c0, par)
+        if nt:
+            fence()
