@@ -6,6 +6,7 @@ on first call (see :func:`kernel`).
 
 import contextlib
 import os
+import warnings
 import sys
 import tempfile
 import threading
@@ -70,7 +71,18 @@ def _last_level_cache(default=32 << 20):
 # Outputs at least this large are written with non-temporal stores: they cannot stay in cache
 # anyway, and skipping the write-allocate read measured 1.5x faster on a 100 MB inference; at
 # 25 MB with a 32 MB last-level cache the two kinds of store tied.
-STREAM_BYTES = _last_level_cache()
+def _stream_bytes():
+    text = os.environ.get("FASTBN_STREAM_BYTES")
+    if text:
+        try:
+            return max(0, int(text))
+        except ValueError:
+            warnings.warn(f"FASTBN_STREAM_BYTES={text!r} is not an integer; ignored", stacklevel=2)
+    return _last_level_cache()
+
+
+STREAM_BYTES = _stream_bytes()
+STREAM_RUN_BYTES = 2048
 
 FASTMATH = frozenset({"reassoc", "contract", "nsz"})
 

@@ -166,13 +166,21 @@ def bwd_sums(x, dy, mu, R, W, SB, sg, sgx):
 
 
 @helper
-def _flat_run(i, i1, S, C):
-    """The run holding flat position ``i`` of a ``(N, C, S)`` array: ``n``, ``c`` and the slice
-    ``[s, e)`` of it that lies before ``i1``."""
+def _flat_start(i, S, C):
+    """``n``, ``c`` and ``s`` of flat position ``i`` in a ``(N, C, S)`` array.  Kernels find
+    the first run of their range with this and step run by run from there: two integer
+    divisions per run cost as much as a 49-element run itself."""
     row = i // S
     n = row // C
-    s = i - row * S
-    return n, row - n * C, s, min(S, s + (i1 - i))
+    return n, row - n * C, i - row * S
+
+
+@helper
+def _flat_next(n, c, C):
+    c += 1
+    if c == C:
+        return n + 1, 0
+    return n, c
 
 
 @kernel(exact=True)
@@ -184,16 +192,19 @@ def affine(x, center, scale, shift, lo, y, K, nt):
     for k in numba.prange(K):
         i = k * T // K
         i1 = (k + 1) * T // K
+        n, c, s = _flat_start(i, S, C)
         while i < i1:
-            n, c, s, e = _flat_run(i, i1, S, C)
+            m = min(S - s, i1 - i)
             src = (at(x, (n, c, s)),)
             dst = at(y, (n, c, s))
             par = (center[c], scale[c], shift[c], lo)
             if nt:
-                affine_run_nt(src, dst, e - s, par)
+                affine_run_nt(src, dst, m, par)
             else:
-                affine_run(src, dst, e - s, par)
-            i += e - s
+                affine_run(src, dst, m, par)
+            i += m
+            s = 0
+            n, c = _flat_next(n, c, C)
         if nt:
             fence()
 
@@ -206,16 +217,19 @@ def bwd_apply(x, dy, mu, a, q, r, dx, K, nt):
     for k in numba.prange(K):
         i = k * T // K
         i1 = (k + 1) * T // K
+        n, c, s = _flat_start(i, S, C)
         while i < i1:
-            n, c, s, e = _flat_run(i, i1, S, C)
+            m = min(S - s, i1 - i)
             src = (at(x, (n, c, s)), at(dy, (n, c, s)))
             dst = at(dx, (n, c, s))
             par = (mu[c], a[c], q[c], r[c])
             if nt:
-                bwd_apply_run_nt(src, dst, e - s, par)
+                bwd_apply_run_nt(src, dst, m, par)
             else:
-                bwd_apply_run(src, dst, e - s, par)
-            i += e - s
+                bwd_apply_run(src, dst, m, par)
+            i += m
+            s = 0
+            n, c = _flat_next(n, c, C)
         if nt:
             fence()
 

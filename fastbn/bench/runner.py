@@ -307,14 +307,12 @@ def _time_round_robin(fns: dict, *, budget: float, repeat: int, result: CaseResu
             t0 = time.perf_counter()
             first[name] = fn()
             t1 = time.perf_counter()
-            # The first call may compile or fault in pages; a second one estimates the steady cost
-            # unless the first alone already used the budget.
-            est = t1 - t0
-            if est < budget:
-                t0 = time.perf_counter()
-                r = fn()
-                est = time.perf_counter() - t0
-                del r
+            # The first call may compile or fault in pages; a second one estimates the steady
+            # cost (a first call's compile time must not shrink the number of timed calls).
+            t2 = time.perf_counter()
+            r = fn()
+            est = time.perf_counter() - t2
+            del r
         except Exception as exc:  # a contender failing must not take the whole run down
             result.errors[name] = f"{type(exc).__name__}: {exc}"
             del fns[name]
