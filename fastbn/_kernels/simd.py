@@ -20,6 +20,8 @@ computed in float64 lanes), parameters per run (scalars) or per element (pointer
 channels-last rows), and ordinary or non-temporal stores.
 """
 
+import numba
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -161,3 +163,31 @@ affine_run = _run_intrinsic(_affine, nt=False)
 affine_run_nt = _run_intrinsic(_affine, nt=True)
 bwd_apply_run = _run_intrinsic(_bwd_apply, nt=False)
 bwd_apply_run_nt = _run_intrinsic(_bwd_apply, nt=True)
+
+
+if numba.config.DISABLE_JIT:
+    # With the JIT off (coverage runs) kernels execute as Python and intrinsics cannot be
+    # called: a "pointer" becomes the 1-D view from that element to the end of its row, and
+    # the runs evaluate the same formulas with NumPy.
+
+    def at(arr, index):
+        return arr[index[:-1]][index[-1]:]
+
+    def fence():
+        return None
+
+    def _python_run(body):
+        def run(ins, out, n, params):
+            ps = [p[:n] if isinstance(p, np.ndarray) else p for p in params]
+            out[:n] = body(*[a[:n] for a in ins], *ps)
+        return run
+
+    def _affine_py(x, center, scale, shift, lo):
+        v = (x - center) * scale + shift
+        return np.where(v < lo, lo, v)
+
+    def _bwd_apply_py(x, dy, mu, a, q, r):
+        return a * ((dy + q * (x - mu)) + r)
+
+    affine_run = affine_run_nt = _python_run(_affine_py)
+    bwd_apply_run = bwd_apply_run_nt = _python_run(_bwd_apply_py)
