@@ -13,7 +13,7 @@ import numpy as np
 
 from .._config import helper, kernel
 from .channels_first import _m2
-from .simd import affine_run, affine_run_nt, at, bwd_apply_run, bwd_apply_run_nt, fence
+from .simd import affine_rows, affine_rows_nt, at, bwd_apply_rows, bwd_apply_rows_nt, fence
 
 
 @helper
@@ -168,33 +168,35 @@ def bwd_sums(x, dy, mu, R, W, sg, sgx):
 @kernel(exact=True)
 def affine(x, center, scale, shift, lo, y, R, W, nt):
     """Elementwise ``y = max((x - center[c]) * scale[c] + shift[c], lo)``; NaN passes through
-    (centring as in the channels-first kernel).  Each row of a tile is one vector run with
-    per-element parameters; ``nt``: stream ``y`` past the cache (see simd)."""
+    (centring as in the channels-first kernel).  A tile's rows are vector runs with
+    per-element parameters (see simd); ``nt``: stream ``y`` past the cache."""
     M, C, NB, items = _tiles(x, R, W)
+    strides = (x.strides[0] // x.itemsize, y.strides[0] // y.itemsize)
     for it in numba.prange(items):
         k, r0, r1, c0, c1 = _tile(it, NB, R, W, M, C)
+        src = (at(x, (r0, c0)),)
+        dst = at(y, (r0, c0))
         par = (at(center, (c0,)), at(scale, (c0,)), at(shift, (c0,)), lo)
-        for r in range(r0, r1):
-            if nt:
-                affine_run_nt((at(x, (r, c0)),), at(y, (r, c0)), c1 - c0, par)
-            else:
-                affine_run((at(x, (r, c0)),), at(y, (r, c0)), c1 - c0, par)
         if nt:
+            affine_rows_nt(src, dst, c1 - c0, par, r1 - r0, strides)
             fence()
+        else:
+            affine_rows(src, dst, c1 - c0, par, r1 - r0, strides)
 
 
 @kernel(exact=True)
 def bwd_apply(x, dy, mu, a, q, r, dx, R, W, nt):
-    """Elementwise ``dx = a[c] * (dy + q[c] * (x - mu[c]) + r[c])``, rows as in ``affine``."""
+    """Elementwise ``dx = a[c] * (dy + q[c] * (x - mu[c]) + r[c])``, tiles as in ``affine``."""
     M, C, NB, items = _tiles(x, R, W)
+    strides = (x.strides[0] // x.itemsize, dy.strides[0] // dy.itemsize,
+               dx.strides[0] // dx.itemsize)
     for it in numba.prange(items):
         k, r0, r1, c0, c1 = _tile(it, NB, R, W, M, C)
+        src = (at(x, (r0, c0)), at(dy, (r0, c0)))
+        dst = at(dx, (r0, c0))
         par = (at(mu, (c0,)), at(a, (c0,)), at(q, (c0,)), at(r, (c0,)))
-        for row in range(r0, r1):
-            src = (at(x, (row, c0)), at(dy, (row, c0)))
-            if nt:
-                bwd_apply_run_nt(src, at(dx, (row, c0)), c1 - c0, par)
-            else:
-                bwd_apply_run(src, at(dx, (row, c0)), c1 - c0, par)
         if nt:
+            bwd_apply_rows_nt(src, dst, c1 - c0, par, r1 - r0, strides)
             fence()
+        else:
+            bwd_apply_rows(src, dst, c1 - c0, par, r1 - r0, strides)

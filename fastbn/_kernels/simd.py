@@ -62,34 +62,38 @@ def _splat(builder, value, width):
                                   ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width))
 
 
-def _run_intrinsic(body, nt):
+def _run_intrinsic(body, nt, rows=False):
     """An intrinsic ``run(ins, out, n, params)``: ``out[t] = body(ins[.][t], params)`` for
     ``t < n``.  ``ins`` is a tuple of data pointers; each parameter is a scalar (the same for
-    the whole run) or a pointer (one value per element)."""
+    the whole run) or a pointer (one value per element).
 
-    @intrinsic
-    def run(typingctx, ins, out, n, params):
-        def codegen(context, builder, signature, args):
-            ins_t, out_t, _, par_t = signature.args
-            dtype = out_t.dtype
-            # Computed in the widest of the data and parameter types, as Numba's own
-            # promotion would (float32 data with float64 parameters: float64 lanes).
-            kinds = [p.dtype if isinstance(p, types.CPointer) else p for p in par_t]
-            ctype = max([dtype] + kinds, key=lambda t: t.bitwidth)
-            d_ll = context.get_value_type(dtype)
-            c_ll = context.get_value_type(ctype)
-            isz = dtype.bitwidth // 8
-            width = LINE // isz
-            ptrs = cgutils.unpack_tuple(builder, args[0])
-            outp = args[1]
-            count = args[2]
-            pars = [(v, t) if isinstance(t, types.CPointer) else
-                    (context.cast(builder, v, t, ctype), None)
-                    for v, t in zip(cgutils.unpack_tuple(builder, args[3]), par_t)]
-            intp = count.type
-            # Splats are built once, outside the loops.
-            splats = [None if t is not None else _splat(builder, v, width) for v, t in pars]
+    With ``rows``: ``run(ins, out, n, params, nrows, strides)`` does that for ``nrows`` rows of
+    ``n`` values, row ``r`` of each array ``r * strides[.]`` elements on (``strides``: one per
+    input, then the output's), the same per-element parameters for every row.  One call per
+    channels-last tile instead of one per row: per-row setup cost as much as a 64-value row."""
 
+    def codegen(context, builder, signature, args):
+        ins_t, out_t, _, par_t = signature.args[:4]
+        dtype = out_t.dtype
+        # Computed in the widest of the data and parameter types, as Numba's own
+        # promotion would (float32 data with float64 parameters: float64 lanes).
+        kinds = [p.dtype if isinstance(p, types.CPointer) else p for p in par_t]
+        ctype = max([dtype] + kinds, key=lambda t: t.bitwidth)
+        d_ll = context.get_value_type(dtype)
+        c_ll = context.get_value_type(ctype)
+        isz = dtype.bitwidth // 8
+        width = LINE // isz
+        base_ptrs = cgutils.unpack_tuple(builder, args[0])
+        base_out = args[1]
+        count = args[2]
+        pars = [(v, t) if isinstance(t, types.CPointer) else
+                (context.cast(builder, v, t, ctype), None)
+                for v, t in zip(cgutils.unpack_tuple(builder, args[3]), par_t)]
+        intp = count.type
+        # Splats are built once, outside the loops.
+        splats = [None if t is not None else _splat(builder, v, width) for v, t in pars]
+
+        def emit(ptrs, outp):
             def load(ptr, idx, vector, ll):
                 p = builder.gep(ptr, [idx])
                 if vector:
@@ -138,9 +142,25 @@ def _run_intrinsic(body, nt):
                 idx = builder.add(head, builder.mul(loop.index, ir.Constant(intp, width)))
                 step(idx, True, nt)
             scalar_loop(builder.add(head, builder.mul(nvec, ir.Constant(intp, width))), count)
-            return context.get_dummy_value()
 
-        return types.none(ins, out, n, params), codegen
+        if not rows:
+            emit(base_ptrs, base_out)
+        else:
+            strides = cgutils.unpack_tuple(builder, args[5])
+            with cgutils.for_range(builder, args[4]) as row:
+                offs = [builder.mul(row.index, st) for st in strides]
+                emit([builder.gep(p, [o]) for p, o in zip(base_ptrs, offs)],
+                     builder.gep(base_out, [offs[-1]]))
+        return context.get_dummy_value()
+
+    if rows:
+        @intrinsic
+        def run(typingctx, ins, out, n, params, nrows, strides):
+            return types.none(ins, out, n, params, nrows, strides), codegen
+    else:
+        @intrinsic
+        def run(typingctx, ins, out, n, params):
+            return types.none(ins, out, n, params), codegen
 
     return run
 
@@ -163,23 +183,35 @@ affine_run = _run_intrinsic(_affine, nt=False)
 affine_run_nt = _run_intrinsic(_affine, nt=True)
 bwd_apply_run = _run_intrinsic(_bwd_apply, nt=False)
 bwd_apply_run_nt = _run_intrinsic(_bwd_apply, nt=True)
+affine_rows = _run_intrinsic(_affine, nt=False, rows=True)
+affine_rows_nt = _run_intrinsic(_affine, nt=True, rows=True)
+bwd_apply_rows = _run_intrinsic(_bwd_apply, nt=False, rows=True)
+bwd_apply_rows_nt = _run_intrinsic(_bwd_apply, nt=True, rows=True)
 
 
 if numba.config.DISABLE_JIT:
     # With the JIT off (coverage runs) kernels execute as Python and intrinsics cannot be
-    # called: a "pointer" becomes the 1-D view from that element to the end of its row, and
-    # the runs evaluate the same formulas with NumPy.
+    # called: a "pointer" is the array and index it was taken at, and the runs evaluate the
+    # same formulas with NumPy on the slices they cover.
 
     def at(arr, index):
-        return arr[index[:-1]][index[-1]:]
+        return arr, tuple(index)
 
     def fence():
         return None
 
-    def _python_run(body):
-        def run(ins, out, n, params):
-            ps = [p[:n] if isinstance(p, np.ndarray) else p for p in params]
-            out[:n] = body(*[a[:n] for a in ins], *ps)
+    def _span(ptr, n, row=0):
+        if isinstance(ptr, tuple):
+            arr, index = ptr
+            lead = (index[0] + row,) + index[1:-1] if len(index) > 1 else ()
+            return arr[lead][index[-1]:index[-1] + n]
+        return ptr
+
+    def _python_run(body, rows=False):
+        def run(ins, out, n, params, nrows=1, strides=None):
+            for row in range(nrows if rows else 1):
+                ps = [_span(p, n) for p in params]
+                _span(out, n, row)[:] = body(*[_span(a, n, row) for a in ins], *ps)
         return run
 
     def _affine_py(x, center, scale, shift, lo):
@@ -191,3 +223,5 @@ if numba.config.DISABLE_JIT:
 
     affine_run = affine_run_nt = _python_run(_affine_py)
     bwd_apply_run = bwd_apply_run_nt = _python_run(_bwd_apply_py)
+    affine_rows = affine_rows_nt = _python_run(_affine_py, rows=True)
+    bwd_apply_rows = bwd_apply_rows_nt = _python_run(_bwd_apply_py, rows=True)
