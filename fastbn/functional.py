@@ -342,6 +342,10 @@ def _moments(p, x3, method, ddof=0):
         _cf.stats_small(x3.size, x3, mean, m2)
         return mean, m2 / (L - ddof)
     (hi, lo, m2), counts = _reduce(p, "moments", (x3,), (), nout=3)
+    if p.channels_last and x3.itemsize == 4 and not (np.isfinite(lo).all()
+                                                     and np.isfinite(m2).all()):
+        # A float32 deviation overflowed (or the data hold NaN/inf): float64 deviations.
+        (hi, lo, m2), counts = _reduce(p, "moments_wide", (x3,), (), nout=3)
     mean = np.empty(p.C)
     var = np.empty(p.C)
     _merge.merge_moments(hi.size, counts, hi, lo, m2, mean, var, float(ddof))

@@ -13,7 +13,8 @@ import numpy as np
 
 from .._config import helper, kernel
 from .channels_first import _m2
-from .simd import affine_rows, affine_rows_nt, at, bwd_apply_rows, bwd_apply_rows_nt, fence
+from .simd import (affine_rows, affine_rows_nt, at, bwd_apply_rows, bwd_apply_rows_nt,
+                   column_bwd_sums, column_moments, fence)
 
 
 @helper
@@ -62,54 +63,44 @@ def _rows_sums(x, r0, r1, c0, c1, center, a1, a2):
 
 
 @helper
-def _rows_bwd_sums(x, dy, r0, r1, c0, c1, mu, a1, a2):
-    """Add ``dy`` and ``dy * (x - mu)`` over rows ``[r0, r1)`` into ``a1``, ``a2``, four rows
-    per update as in :func:`_rows_sums`."""
-    r = r0
-    while r + 4 <= r1:
-        xa = x[r, c0:c1]
-        xb = x[r + 1, c0:c1]
-        xc = x[r + 2, c0:c1]
-        xd = x[r + 3, c0:c1]
-        ga = dy[r, c0:c1]
-        gb = dy[r + 1, c0:c1]
-        gc = dy[r + 2, c0:c1]
-        gd = dy[r + 3, c0:c1]
-        for c in range(xa.shape[0]):
-            m = mu[c]
-            # float64 before adding: four float32 gradients near the maximum overflow
-            g0 = np.float64(ga[c])
-            g1 = np.float64(gb[c])
-            g2 = np.float64(gc[c])
-            g3 = np.float64(gd[c])
-            a1[c] += (g0 + g1) + (g2 + g3)
-            a2[c] += (g0 * (xa[c] - m) + g1 * (xb[c] - m)) + (g2 * (xc[c] - m) + g3 * (xd[c] - m))
-        r += 4
-    for q in range(r, r1):
-        xr = x[q, c0:c1]
-        gr = dy[q, c0:c1]
-        for c in range(xr.shape[0]):
-            g = gr[c]
-            a1[c] += g
-            a2[c] += g * (xr[c] - mu[c])
-
-
-@helper
-def _fits(s1, s2, n):
+def _finish(s1, s2, n):
     for c in range(s1.shape[0]):
-        if not (math.isfinite(s1[c]) and math.isfinite(s2[c]) and s2[c] >= 1e-30 * n):
-            return False
-    return True
+        s2[c] = _m2(s1[c], s2[c], n)
+        s1[c] /= n
 
 
-@kernel
+@kernel(exact=True)
 def moments(x, R, W, hi, lo, m2):
     """Per tile mean (``hi + lo``) and M2 of each channel into ``hi``, ``lo``, ``m2`` ``[K, C]``.
 
     One pass over the tile: sums of ``x - hi`` with ``hi`` the tile's first row, a sample of
     each channel, so the deviations are of the order of the spread (see the channels-first
-    ``_run_moments`` for the error bound).  Measured ~1.5x faster than two passes over the tile.
+    ``_run_moments`` for the error bound), held in registers across the tile
+    (simd.column_sums).  Deviations are formed in the data's type: a float32 deviation can
+    overflow (data near the float32 maximum), which the caller sees as a non-finite partial and
+    answers with :func:`moments_wide`.  (Calling that here, per tile, made this loop 3x slower:
+    the fallback's code in the same function spoiled the compiled row loop.)  Compiled without
+    fast-math flags: Numba puts them on every instruction, the vector sums' included, and
+    reassociation then differed between the serial and parallel builds, so results depended
+    on the thread count.
     """
+    M, C, NB, items = _tiles(x, R, W)
+    stride = x.strides[0] // x.itemsize
+    for it in numba.prange(items):
+        k, r0, r1, c0, c1 = _tile(it, NB, R, W, M, C)
+        h = hi[k, c0:c1]
+        x0 = x[r0, c0:c1]
+        for c in range(h.shape[0]):
+            h[c] = x0[c]
+        column_moments((at(x, (r0 + 1, c0)),), r1 - r0 - 1, c1 - c0, (stride,),
+                       (at(x, (r0, c0)),), at(lo, (k, c0)), at(m2, (k, c0)))
+        _finish(lo[k, c0:c1], m2[k, c0:c1], float(r1 - r0))
+
+
+@kernel
+def moments_wide(x, R, W, hi, lo, m2):
+    """:func:`moments` with float64 deviations, four rows per accumulator update: for float32
+    data whose deviations overflow float32."""
     M, C, NB, items = _tiles(x, R, W)
     for it in numba.prange(items):
         k, r0, r1, c0, c1 = _tile(it, NB, R, W, M, C)
@@ -121,22 +112,8 @@ def moments(x, R, W, hi, lo, m2):
             h[c] = x0[c]
             s1[c] = 0.0
             s2[c] = 0.0
-        # Centred on the first row itself, in the data's type: for float32 data the deviations
-        # and their squares are float32 lanes, twice as many per vector, and each 4-row block
-        # sum is widened to float64 once (1.2x faster on nhwc).  ``x - x0`` is exact near x0;
-        # each square and block sum rounds once (2^-24 relative, the data's own precision).
-        # Outside float32's comfortable range -- squares that overflow (spread beyond ~1e19),
-        # or that underflow (mean squared deviation below 1e-30, constant channels included) --
-        # and with NaN or inf in the data, the tile is summed again in float64.
-        _rows_sums(x, r0 + 1, r1, c0, c1, x0, s1, s2)
-        if x.itemsize == 4 and not _fits(s1, s2, r1 - r0):
-            s1[:] = 0.0
-            s2[:] = 0.0
-            _rows_sums(x, r0 + 1, r1, c0, c1, h, s1, s2)
-        n = float(r1 - r0)
-        for c in range(h.shape[0]):
-            s2[c] = _m2(s1[c], s2[c], n)
-            s1[c] /= n
+        _rows_sums(x, r0 + 1, r1, c0, c1, h, s1, s2)
+        _finish(s1, s2, float(r1 - r0))
 
 
 @kernel
@@ -152,17 +129,16 @@ def sums(x, center, R, W, s1, s2):
         _rows_sums(x, r0, r1, c0, c1, center[c0:c1], a1, a2)
 
 
-@kernel
+@kernel(exact=True)
 def bwd_sums(x, dy, mu, R, W, sg, sgx):
-    """Per tile sums of ``dy`` and ``dy * (x - mu[c])`` into ``sg[K, C]``, ``sgx[K, C]``."""
+    """Per tile sums of ``dy`` and ``dy * (x - mu[c])`` into ``sg[K, C]``, ``sgx[K, C]``
+    (float64 terms, in registers across the tile: simd.column_bwd_sums)."""
     M, C, NB, items = _tiles(x, R, W)
+    strides = (x.strides[0] // x.itemsize, dy.strides[0] // dy.itemsize)
     for it in numba.prange(items):
         k, r0, r1, c0, c1 = _tile(it, NB, R, W, M, C)
-        a1 = sg[k, c0:c1]
-        a2 = sgx[k, c0:c1]
-        a1[:] = 0.0
-        a2[:] = 0.0
-        _rows_bwd_sums(x, dy, r0, r1, c0, c1, mu[c0:c1], a1, a2)
+        column_bwd_sums((at(x, (r0, c0)), at(dy, (r0, c0))), r1 - r0, c1 - c0, strides,
+                        (at(mu, (c0,)),), at(sg, (k, c0)), at(sgx, (k, c0)))
 
 
 @kernel(exact=True)

@@ -165,6 +165,100 @@ def _run_intrinsic(body, nt, rows=False):
     return run
 
 
+GROUP = 4  # line-wide strips summed together: 4 lines of each row per sweep, 16 accumulators
+
+
+def _column_intrinsic(body):
+    """An intrinsic ``run(ins, nrows, ncols, strides, params, ps1, ps2)`` for channels-last
+    tiles: for each of ``ncols`` columns ``j``, the float64 sums over ``nrows`` rows of the two
+    terms ``body(ins[.][r, j], params[.][j])`` into ``ps1[j]`` and ``ps2[j]``.  Row ``r`` of
+    input ``i`` is ``r * strides[i]`` elements on; parameters are per-column pointers.
+
+    Columns go in strips of one cache line, up to ``GROUP`` strips at a time row by row (so
+    each sweep reads whole consecutive lines), their sums in float64 vector registers for the
+    whole tile: each value is loaded once and no accumulator touches memory per row (measured
+    2x faster than accumulating in memory every four rows).  The last columns (fewer than a
+    strip) are summed one by one.  The summation order is fixed by the tile alone.
+    """
+
+    def codegen(context, builder, signature, args):
+        ins_t, _, _, _, par_t = signature.args[:5]
+        dtype = ins_t[0].dtype
+        d_ll = context.get_value_type(dtype)
+        f64 = ir.DoubleType()
+        isz = dtype.bitwidth // 8
+        width = LINE // isz
+        ptrs = cgutils.unpack_tuple(builder, args[0])
+        nrows, ncols = args[1], args[2]
+        strides = cgutils.unpack_tuple(builder, args[3])
+        pars = list(zip(cgutils.unpack_tuple(builder, args[4]), par_t))
+        s1, s2 = args[5], args[6]
+        intp = nrows.type
+
+        def load(ptr, idx, ll, vector):
+            p = builder.gep(ptr, [idx])
+            if vector:
+                p = builder.bitcast(p, ir.VectorType(ll, width).as_pointer())
+            return builder.load(p, align=isz)
+
+        def sweep(j0, strips, vector):
+            """Sum columns ``j0 ..`` (``strips`` lines, or one column) over every row."""
+            ft = ir.VectorType(f64, width) if vector else f64
+
+            def widen(v):
+                return v if v.type == ft else builder.fpext(v, ft)
+
+            offs = [builder.add(j0, ir.Constant(intp, g * width)) for g in range(strips)]
+            ps = [[load(p, o, context.get_value_type(t.dtype), vector) for p, t in pars]
+                  for o in offs]
+            init = ir.Constant(ft, [0.0] * width) if vector else ir.Constant(f64, 0.0)
+            acc = [cgutils.alloca_once_value(builder, init) for _ in range(2 * strips)]
+            with cgutils.for_range(builder, nrows) as loop:
+                rows = [builder.mul(loop.index, st) for st in strides]
+                for g, o in enumerate(offs):
+                    xs = [load(p, builder.add(r, o), d_ll, vector) for p, r in zip(ptrs, rows)]
+                    for a, t in zip(acc[2 * g:2 * g + 2], body(builder, xs, ps[g], widen)):
+                        builder.store(builder.fadd(builder.load(a), t), a)
+            for g, o in enumerate(offs):
+                for out, a in ((s1, acc[2 * g]), (s2, acc[2 * g + 1])):
+                    p = builder.gep(out, [o])
+                    if vector:
+                        p = builder.bitcast(p, ft.as_pointer())
+                    builder.store(builder.load(a), p, align=8)
+
+        w = ir.Constant(intp, width)
+        nstrips = builder.sdiv(ncols, w)
+        ngroups = builder.sdiv(nstrips, ir.Constant(intp, GROUP))
+        with cgutils.for_range(builder, ngroups) as loop:
+            sweep(builder.mul(loop.index, ir.Constant(intp, GROUP * width)), GROUP, True)
+        first = builder.mul(ngroups, ir.Constant(intp, GROUP))
+        with cgutils.for_range(builder, builder.sub(nstrips, first)) as loop:
+            sweep(builder.mul(builder.add(first, loop.index), w), 1, True)
+        done = builder.mul(nstrips, w)
+        with cgutils.for_range(builder, builder.sub(ncols, done)) as loop:
+            sweep(builder.add(done, loop.index), 1, False)
+        return context.get_dummy_value()
+
+    @intrinsic
+    def run(typingctx, ins, nrows, ncols, strides, params, ps1, ps2):
+        return types.none(ins, nrows, ncols, strides, params, ps1, ps2), codegen
+
+    return run
+
+
+def _col_moments(b, xs, ps, widen):
+    # d = x - c in the data's type (exact for x near c, the tile's first row), then widened:
+    # float64 squares neither overflow nor underflow
+    d = widen(b.fsub(xs[0], ps[0]))
+    return d, b.fmul(d, d)
+
+
+def _col_bwd_sums(b, xs, ps, widen):
+    # dy and dy * (x - mu), in float64 (four float32 gradients near the maximum would overflow)
+    g = widen(xs[1])
+    return g, b.fmul(g, b.fsub(widen(xs[0]), widen(ps[0])))
+
+
 def _affine(b, xs, ps):
     # (x - center) * scale + shift, then the ReLU floor; NaN fails the comparison and passes.
     center, scale, shift, lo = ps
@@ -187,6 +281,8 @@ affine_rows = _run_intrinsic(_affine, nt=False, rows=True)
 affine_rows_nt = _run_intrinsic(_affine, nt=True, rows=True)
 bwd_apply_rows = _run_intrinsic(_bwd_apply, nt=False, rows=True)
 bwd_apply_rows_nt = _run_intrinsic(_bwd_apply, nt=True, rows=True)
+column_moments = _column_intrinsic(_col_moments)
+column_bwd_sums = _column_intrinsic(_col_bwd_sums)
 
 
 if numba.config.DISABLE_JIT:
@@ -224,4 +320,28 @@ if numba.config.DISABLE_JIT:
     affine_run = affine_run_nt = _python_run(_affine_py)
     bwd_apply_run = bwd_apply_run_nt = _python_run(_bwd_apply_py)
     affine_rows = affine_rows_nt = _python_run(_affine_py, rows=True)
+
+    def _python_columns(body):
+        def run(ins, nrows, ncols, strides, params, ps1, ps2):
+            ps = [_span(p, ncols) for p in params]
+            t1 = np.zeros(ncols)
+            t2 = np.zeros(ncols)
+            for row in range(nrows):
+                a, b = body(*[_span(p, ncols, row) for p in ins], *ps)
+                t1 += a
+                t2 += b
+            _span(ps1, ncols)[:] = t1
+            _span(ps2, ncols)[:] = t2
+        return run
+
+    def _moments_py(x, c):
+        d = (x - c).astype(np.float64)
+        return d, d * d
+
+    def _bwd_sums_py(x, dy, mu):
+        g = dy.astype(np.float64)
+        return g, g * (x.astype(np.float64) - mu)
+
+    column_moments = _python_columns(_moments_py)
+    column_bwd_sums = _python_columns(_bwd_sums_py)
     bwd_apply_rows = bwd_apply_rows_nt = _python_run(_bwd_apply_py, rows=True)
