@@ -81,6 +81,7 @@ def _stream_bytes():
     return _last_level_cache()
 
 
+LLC_BYTES = _last_level_cache()
 STREAM_BYTES = _stream_bytes()
 STREAM_RUN_BYTES = 2048
 

@@ -169,6 +169,7 @@ def _require_training_size(x, axis):
 # Every choice below depends on the shape only, never on the thread count, so that reductions
 # happen in the same order and give bit-identical results with any number of threads.
 
+_NARROW_ROW_BYTES = 512  # channels-last rows read in at most two column sweeps
 _MIN_ROWS = 32  # channels-last reductions: rows per tile, so partial buffers stay small
 
 
@@ -208,6 +209,17 @@ def _streams(run, itemsize):
     with scalar stores up to a line boundary, and lines left partly written by short runs
     (``nhwc_c3``'s 66-value rows) measured 2.5x slower than ordinary stores."""
     return run * itemsize >= _config.STREAM_RUN_BYTES
+
+
+def _cl_reduction(name, x2):
+    """The channels-last reduction kernel for ``x2``: the column-strip kernels keep a tile's
+    sums in registers but sweep its rows once per 64 channels (float32), so rows of more than
+    two sweeps that do not fit in cache are read in a strided pattern that measured 1.4-1.7x
+    slower (4096 x 2048 float32); those use the ``_wide`` kernels, which read row by row."""
+    if name not in ("moments", "bwd_sums"):
+        return name
+    narrow = x2.shape[1] * x2.itemsize <= _NARROW_ROW_BYTES
+    return name if narrow or x2.nbytes <= _config.LLC_BYTES // 4 else name + "_wide"
 
 
 def _cf_flat_items(size):
@@ -277,6 +289,7 @@ def _reduce(p, name, arrays, params, nout=2):
     for views, P in _cl_parts(arrays, C):
         M, Cw = views[0].shape
         R, W = _cl_tiles(M, Cw, True)
+        name = _cl_reduction(name, views[0])
         K = -(-M // R)
         bufs = np.empty((nout, K, Cw))
         tiled = params if P == 1 else tuple(np.tile(q, P) for q in params)
@@ -342,8 +355,8 @@ def _moments(p, x3, method, ddof=0):
         _cf.stats_small(x3.size, x3, mean, m2)
         return mean, m2 / (L - ddof)
     (hi, lo, m2), counts = _reduce(p, "moments", (x3,), (), nout=3)
-    if p.channels_last and x3.itemsize == 4 and not (np.isfinite(lo).all()
-                                                     and np.isfinite(m2).all()):
+    if (p.channels_last and x3.itemsize == 4 and _cl_reduction("moments", x3) == "moments"
+            and not (np.isfinite(lo).all() and np.isfinite(m2).all())):
         # A float32 deviation overflowed (or the data hold NaN/inf): float64 deviations.
         (hi, lo, m2), counts = _reduce(p, "moments_wide", (x3,), (), nout=3)
     mean = np.empty(p.C)

@@ -138,3 +138,37 @@ def test_fresh_outputs_never_stream(monkeypatch, shape, axis):
     fastbn.batch_norm_backward(dy, np.nan_to_num(x), mean, invstd, w, axis=axis)
     assert flags and not any(flags), flags
     assert_close(y, ref.batch_norm_infer(x, rm, rv, w, b, axis=axis), np.float32)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(300, 200), (6, 7, 9, 130)])
+def test_wide_row_reductions_match_reference(monkeypatch, shape, dtype):
+    # Channels-last reductions read rows of more than 512 bytes with the row-by-row ``_wide``
+    # kernels when the tensor does not fit in cache, and with the column kernels when it does;
+    # the threshold is lowered here so that both run on the same small tensor.
+    x, dy, w, b, _, _ = _inputs(shape, -1, dtype)
+    x = np.nan_to_num(x)
+    names = []
+    original = F._cl_reduction
+
+    def spy(name, x2):
+        chosen = original(name, x2)
+        names.append(chosen)
+        return chosen
+
+    monkeypatch.setattr(F, "_cl_reduction", spy)
+    for threshold, suffix in ((1 << 62, ""), (0, "_wide")):
+        monkeypatch.setattr(_config, "LLC_BYTES", threshold)
+        names.clear()
+        mean, var = fastbn.channel_stats(x, axis=-1)
+        y, bmean, invstd = fastbn.batch_norm_train(x, w, b, axis=-1)
+        dx, dw, db = fastbn.batch_norm_backward(dy, x, bmean, invstd, w, axis=-1)
+        assert set(names) == {"moments" + suffix, "bwd_sums" + suffix}, names
+        rmean, rvar = ref.channel_stats(x, -1)
+        assert_close(mean, rmean, dtype, name="mean")
+        assert_close(var, rvar, dtype, name="var")
+        assert_close(y, ref.batch_norm_train(x, w, b, axis=-1)[0], dtype, name="y")
+        rdx, rdw, rdb = ref.batch_norm_backward(dy, x, bmean, invstd, w, axis=-1)
+        assert_close(dx, rdx, dtype, slack=_xhat_slack(x, dtype), name="dx")
+        assert_close(dw, rdw, dtype, name="dweight")
+        assert_close(db, rdb, dtype, name="dbias")

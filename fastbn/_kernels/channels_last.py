@@ -63,6 +63,39 @@ def _rows_sums(x, r0, r1, c0, c1, center, a1, a2):
 
 
 @helper
+def _rows_bwd_sums(x, dy, r0, r1, c0, c1, mu, a1, a2):
+    """Add ``dy`` and ``dy * (x - mu)`` over rows ``[r0, r1)`` into ``a1``, ``a2``, four rows
+    per update as in :func:`_rows_sums`."""
+    r = r0
+    while r + 4 <= r1:
+        xa = x[r, c0:c1]
+        xb = x[r + 1, c0:c1]
+        xc = x[r + 2, c0:c1]
+        xd = x[r + 3, c0:c1]
+        ga = dy[r, c0:c1]
+        gb = dy[r + 1, c0:c1]
+        gc = dy[r + 2, c0:c1]
+        gd = dy[r + 3, c0:c1]
+        for c in range(xa.shape[0]):
+            m = mu[c]
+            # float64 before adding: four float32 gradients near the maximum overflow
+            g0 = np.float64(ga[c])
+            g1 = np.float64(gb[c])
+            g2 = np.float64(gc[c])
+            g3 = np.float64(gd[c])
+            a1[c] += (g0 + g1) + (g2 + g3)
+            a2[c] += (g0 * (xa[c] - m) + g1 * (xb[c] - m)) + (g2 * (xc[c] - m) + g3 * (xd[c] - m))
+        r += 4
+    for q in range(r, r1):
+        xr = x[q, c0:c1]
+        gr = dy[q, c0:c1]
+        for c in range(xr.shape[0]):
+            g = gr[c]
+            a1[c] += g
+            a2[c] += g * (xr[c] - mu[c])
+
+
+@helper
 def _finish(s1, s2, n):
     for c in range(s1.shape[0]):
         s2[c] = _m2(s1[c], s2[c], n)
@@ -99,8 +132,8 @@ def moments(x, R, W, hi, lo, m2):
 
 @kernel
 def moments_wide(x, R, W, hi, lo, m2):
-    """:func:`moments` with float64 deviations, four rows per accumulator update: for float32
-    data whose deviations overflow float32."""
+    """:func:`moments` with float64 deviations, four rows per accumulator update: for wide rows
+    (see functional._cl_reduction), and for float32 data whose deviations overflow float32."""
     M, C, NB, items = _tiles(x, R, W)
     for it in numba.prange(items):
         k, r0, r1, c0, c1 = _tile(it, NB, R, W, M, C)
@@ -139,6 +172,20 @@ def bwd_sums(x, dy, mu, R, W, sg, sgx):
         k, r0, r1, c0, c1 = _tile(it, NB, R, W, M, C)
         column_bwd_sums((at(x, (r0, c0)), at(dy, (r0, c0))), r1 - r0, c1 - c0, strides,
                         (at(mu, (c0,)),), at(sg, (k, c0)), at(sgx, (k, c0)))
+
+
+@kernel
+def bwd_sums_wide(x, dy, mu, R, W, sg, sgx):
+    """Per tile sums of ``dy`` and ``dy * (x - mu[c])`` into ``sg[K, C]``, ``sgx[K, C]``, four
+    rows per accumulator update: for wide rows (see functional._cl_reduction)."""
+    M, C, NB, items = _tiles(x, R, W)
+    for it in numba.prange(items):
+        k, r0, r1, c0, c1 = _tile(it, NB, R, W, M, C)
+        a1 = sg[k, c0:c1]
+        a2 = sgx[k, c0:c1]
+        a1[:] = 0.0
+        a2[:] = 0.0
+        _rows_bwd_sums(x, dy, r0, r1, c0, c1, mu[c0:c1], a1, a2)
 
 
 @kernel(exact=True)
