@@ -236,16 +236,21 @@ def bwd_apply(x, dy, mu, a, q, r, dx, K, nt):
 
 @helper
 def _channel_moments(x, c):
-    """Mean and M2 of channel ``c``, run by run with Chan's update (for small tensors)."""
+    """Mean and M2 of channel ``c`` in one shifted pass (for small tensors): sums of
+    ``x - x[0, c, 0]`` over all its runs.  The relative loss is ``eps * ((x0 - mean) / std)^2``
+    (see :func:`_run_moments`), at most ``eps * L`` for ``L`` values even if ``x0`` is the one
+    outlier: below 1e-11 for the < 32k values of a small tensor.  Per-run moments merged with
+    Chan's update cost 2x more per channel on short runs."""
     N, C, S = x.shape
-    nr = float(S)
-    base, off, m2 = _run_moments(x[0, c])
-    cnt = nr
-    for n in range(1, N):
-        m, ml, s = _run_moments(x[n, c])
-        off, m2 = chan(cnt, base, off, m2, nr, m, ml, s)
-        cnt += nr
-    return base + off, m2
+    hi = np.float64(x[0, c, 0])
+    d1 = 0.0
+    d2 = 0.0
+    for n in range(N):
+        u, v = _run_sums(x[n, c], hi)
+        d1 += u
+        d2 += v
+    L = float(N * S)
+    return hi + d1 / L, _m2(d1, d2, L)
 
 
 @kernel
