@@ -97,11 +97,6 @@ def _filled(v, C, default):
     return np.full(C, default) if v is None else v.astype(np.float64)
 
 
-def _f64(v, name, C):
-    """A required per-channel array as a float64 vector for the kernels."""
-    return np.asarray(_channel_vector(_required(v, name), name, C), dtype=np.float64)
-
-
 def _positive(value, name):
     try:
         f = float(value)
@@ -556,8 +551,8 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
     if dy.dtype != x.dtype:
         raise TypeError(f"dy must have the dtype of x ({x.dtype}), got {dy.dtype}")
     C = x.shape[axis]
-    mu = _f64(mean, "mean", C)
-    istd = _f64(invstd, "invstd", C)
+    mean = _param(_required(mean, "mean"), "mean", C)
+    invstd = _param(_required(invstd, "invstd"), "invstd", C)
     w = _param(weight, "weight", C)
     dx = _new_output(x) if out is None else _check_out(out, x, inputs=((x, "x"), (dy, "dy")))
     L = _values_per_channel(x, axis)
@@ -569,11 +564,13 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
     dy3 = p.as_input(dy)
     dx3, finish = p.output(dx)
     if _fuse(p, x3):
-        sums = np.empty((2, C))
-        _cf.backward_small(x3.size, x3, dy3, mu, istd, _filled(w, C, 1.0), training, dx3, sums)
+        grads = np.empty((2, C), x.dtype)
+        _cf.backward_small(x3.size, x3, dy3, mean, invstd, w, training, dx3, grads)
         if finish is not None:
             finish()
-        return _grads(x, sums, istd, dx)
+        return dx, grads[0], grads[1]
+    mu = mean.astype(np.float64)
+    istd = invstd.astype(np.float64)
     fresh = out is None or finish is not None
     parts, _ = _reduce(p, "bwd_sums", (x3, dy3), (mu,))
     sums = _merged_sums(parts)

@@ -276,24 +276,26 @@ def train_small(x, weight, bias, eps, y, mean, var):
 
 
 @kernel
-def backward_small(x, dy, mu, invstd, weight, training, dx, sums):
+def backward_small(x, dy, mu, invstd, weight, training, dx, grads):
     """Backward in one call for small tensors (see :func:`stats_small`): per channel, the sums
-    ``sums[0] = sum(dy)`` and ``sums[1] = sum(dy * (x - mu))``, then ``dx`` in the factored form
-    of ``merge.backward_params``, in float64."""
+    ``sum(dy)`` and ``sum(dy * (x - mu))``, then ``dx`` in the factored form of
+    ``merge.backward_params``, in float64; ``grads`` (dtype of ``x``) gets ``dweight`` and
+    ``dbias``.  ``mu``, ``invstd`` and ``weight`` (or None) come as the caller passed them:
+    converting them here saves three NumPy calls, a third of a small call's cost."""
     N, C, S = x.shape
     L = float(N * S)
     for c in numba.prange(C):
-        m = mu[c]
+        m = np.float64(mu[c])
         sg = 0.0
         sgx = 0.0
         for n in range(N):
             u, v = _run_bwd_sums(x[n, c], dy[n, c], m)
             sg += u
             sgx += v
-        sums[0, c] = sg
-        sums[1, c] = sgx
-        istd = invstd[c]
-        a = weight[c] * istd
+        istd = np.float64(invstd[c])
+        grads[0, c] = sgx * istd
+        grads[1, c] = sg
+        a = istd if weight is None else np.float64(weight[c]) * istd
         if training:
             q = -istd * (istd * sgx / L)
             r = -sg / L
