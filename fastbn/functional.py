@@ -512,8 +512,12 @@ def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, ep
     p = _layout.plan(x, axis)
     x3 = p.as_input(x)
     y3, finish = p.output(y)
-    _affine(p, x3, y3, rm, rv, w, b, eps, 0.0 if activation == "relu" else _NEG_INF,
-            fresh=out is None or finish is not None)
+    lo = 0.0 if activation == "relu" else _NEG_INF
+    if _fuse(p, x):
+        _cf.infer_small(x3.size, x3, rm, rv, w, b, eps, lo, x3.dtype == np.float32, y3,
+                        np.empty((3, C)))
+    else:
+        _affine(p, x3, y3, rm, rv, w, b, eps, lo, fresh=out is None or finish is not None)
     if finish is not None:
         finish()
     return y

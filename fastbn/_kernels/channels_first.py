@@ -19,7 +19,7 @@ import numba
 import numpy as np
 
 from .._config import helper, kernel
-from .merge import chan
+from .merge import affine_params, chan
 from .simd import affine_run, affine_run_nt, at, bwd_apply_run, bwd_apply_run_nt, fence
 
 
@@ -71,23 +71,6 @@ def _run_bwd_sums(xr, gr, mu):
         sg += g
         sgx += g * (xr[t] - mu)
     return sg, sgx
-
-
-@helper(exact=True)
-def _run_affine(xr, yr, center, scale, shift, lo):
-    # Centering before scaling keeps float32 results accurate when the mean is large relative
-    # to the spread (``x * scale + shift`` would cancel catastrophically): ``x - center`` is
-    # exact for ``x`` near ``center``, and the centre's rounding is folded into ``shift`` (see
-    # functional._affine), so the arithmetic runs in float32 lanes for float32 data.  ``lo``
-    # is -inf without ReLU; NaN passes through.
-    affine_run((at(xr, (0,)),), at(yr, (0,)), xr.shape[0], (center, scale, shift, lo))
-
-
-@helper(exact=True)
-def _run_bwd_apply(xr, gr, dr, mu, a, q, r):
-    # a * (dy + q * (x - mu) + r): each factor stays near the data's scale (see
-    # merge.backward_params), so float32 lanes neither underflow nor overflow
-    bwd_apply_run((at(xr, (0,)), at(gr, (0,))), at(dr, (0,)), xr.shape[0], (mu, a, q, r))
 
 
 @helper
@@ -261,6 +244,27 @@ def stats_small(x, mean, m2):
         mean[c], m2[c] = _channel_moments(x, c)
 
 
+@kernel(exact=True)
+def infer_small(x, center, var, weight, bias, eps, lo, narrow, y, params):
+    """Inference in one call for small tensors: the per-channel parameters of
+    ``merge.affine_params`` (into the float64 scratch ``params``), then ``y``, each channel in
+    the lanes ``functional._affine`` would use -- float32 when ``narrow`` and the parameters
+    allow it -- so results equal the general path's."""
+    ok = affine_params(center, var, weight, bias, eps, 0, narrow, params)
+    N, C, S = x.shape
+    lo32 = np.float32(lo)
+    for c in numba.prange(C):
+        if ok:
+            par32 = (np.float32(params[0, c]), np.float32(params[1, c]),
+                     np.float32(params[2, c]), lo32)
+            for n in range(N):
+                affine_run((at(x, (n, c, 0)),), at(y, (n, c, 0)), S, par32)
+        else:
+            par = (params[0, c], params[1, c], params[2, c], lo)
+            for n in range(N):
+                affine_run((at(x, (n, c, 0)),), at(y, (n, c, 0)), S, par)
+
+
 @kernel
 def train_small(x, weight, bias, eps, y, mean, var):
     """Forward training in one call for small tensors (see :func:`stats_small`)."""
@@ -271,8 +275,9 @@ def train_small(x, weight, bias, eps, y, mean, var):
         mean[c] = m
         var[c] = v
         sc = weight[c] / math.sqrt(v + eps)
+        par = (m, sc, bias[c], -math.inf)
         for n in range(N):
-            _run_affine(x[n, c], y[n, c], m, sc, bias[c], -math.inf)
+            affine_run((at(x, (n, c, 0)),), at(y, (n, c, 0)), S, par)
 
 
 @kernel
@@ -289,9 +294,10 @@ def backward_small(x, dy, mu, invstd, weight, training, dx, grads):
         sg = 0.0
         sgx = 0.0
         for n in range(N):
-            u, v = _run_bwd_sums(x[n, c], dy[n, c], m)
-            sg += u
-            sgx += v
+            for t in range(S):
+                g = dy[n, c, t]
+                sg += g
+                sgx += g * (x[n, c, t] - m)
         istd = np.float64(invstd[c])
         grads[0, c] = sgx * istd
         grads[1, c] = sg
@@ -300,8 +306,9 @@ def backward_small(x, dy, mu, invstd, weight, training, dx, grads):
             q = -istd * (istd * sgx / L)
             r = -sg / L
             for n in range(N):
-                _run_bwd_apply(x[n, c], dy[n, c], dx[n, c], m, a, q, r)
+                bwd_apply_run((at(x, (n, c, 0)), at(dy, (n, c, 0))), at(dx, (n, c, 0)), S,
+                              (m, a, q, r))
         else:
             # evaluation mode: dx = a * dy, independent of x (an infinite x must not give NaN)
             for n in range(N):
-                _run_affine(dy[n, c], dx[n, c], 0.0, a, 0.0, -math.inf)
+                affine_run((at(dy, (n, c, 0)),), at(dx, (n, c, 0)), S, (0.0, a, 0.0, -math.inf))

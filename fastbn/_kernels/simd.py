@@ -261,6 +261,9 @@ def _col_bwd_sums(b, xs, ps, widen):
 
 def _affine(b, xs, ps):
     # (x - center) * scale + shift, then the ReLU floor; NaN fails the comparison and passes.
+    # Centring before scaling keeps float32 results accurate when the mean is large relative to
+    # the spread (x * scale + shift would cancel): x - center is exact for x near center, and
+    # the centre's float32 rounding is folded into shift (functional._affine).
     center, scale, shift, lo = ps
     v = b.fadd(b.fmul(b.fsub(xs[0], center), scale), shift)
     return b.select(b.fcmp_ordered("<", v, lo), lo, v)
