@@ -6,10 +6,10 @@ on first call (see :func:`kernel`).
 
 import contextlib
 import os
-import warnings
 import sys
 import tempfile
 import threading
+import warnings
 
 # The threading layer has to be chosen before Numba starts its first parallel region.
 # Numba's default pick on a machine without TBB is `workqueue`, which aborts the whole process
@@ -48,11 +48,7 @@ CACHE_DIR = _cache_dir()
 
 import numba  # noqa: E402  (after the environment is set up)
 
-# Reductions only: without `nnan`/`ninf`, so that NaN and Inf propagate per channel as IEEE
-# says; `reassoc` is what lets LLVM vectorize the sums, `contract` allows FMAs.  Elementwise
-# kernels get no fast-math flags at all: they vectorize without them, and `reassoc` would let
-# LLVM fold the two-part centre `(x - hi) - lo` into `x - (hi + lo)` differently in the serial
-# and the parallel build, so results would depend on the thread count.
+
 def _last_level_cache(default=32 << 20):
     """Bytes of the largest CPU cache (Linux sysfs), or ``default`` where it cannot be read."""
     sizes = []
@@ -68,9 +64,12 @@ def _last_level_cache(default=32 << 20):
     return max(sizes, default=default)
 
 
-# Outputs at least this large are written with non-temporal stores: they cannot stay in cache
-# anyway, and skipping the write-allocate read measured 1.5x faster on a 100 MB inference; at
-# 25 MB with a 32 MB last-level cache the two kinds of store tied.
+LLC_BYTES = _last_level_cache()
+
+
+# Caller-provided outputs at least this large are written with non-temporal stores: they cannot
+# stay in cache anyway, and skipping the write-allocate read measured 1.5x faster on a 100 MB
+# inference into out=; at 25 MB with a 32 MB last-level cache the two kinds of store tied.
 def _stream_bytes():
     text = os.environ.get("FASTBN_STREAM_BYTES")
     if text:
@@ -78,13 +77,18 @@ def _stream_bytes():
             return max(0, int(text))
         except ValueError:
             warnings.warn(f"FASTBN_STREAM_BYTES={text!r} is not an integer; ignored", stacklevel=2)
-    return _last_level_cache()
+    return LLC_BYTES
 
 
-LLC_BYTES = _last_level_cache()
 STREAM_BYTES = _stream_bytes()
 STREAM_RUN_BYTES = 2048
 
+
+# Reductions only: without `nnan`/`ninf`, so that NaN and Inf propagate per channel as IEEE
+# says; `reassoc` is what lets LLVM vectorize the sums, `contract` allows FMAs.  Elementwise
+# kernels get no fast-math flags at all: they vectorize without them, and `reassoc` would let
+# LLVM fold the two-part centre `(x - hi) - lo` into `x - (hi + lo)` differently in the serial
+# and the parallel build, so results would depend on the thread count.
 FASTMATH = frozenset({"reassoc", "contract", "nsz"})
 
 # Below this many elements a parallel region's launch cost (a few microseconds per prange)

@@ -284,11 +284,14 @@ def _reduce(p, name, arrays, params, nout=2):
     for views, P in _cl_parts(arrays, C):
         M, Cw = views[0].shape
         R, W = _cl_tiles(M, Cw, True)
-        name = _cl_reduction(name, views[0])
+        kernel = _cl_reduction(name, views[0])
         K = -(-M // R)
         bufs = np.empty((nout, K, Cw))
         tiled = params if P == 1 else tuple(np.tile(q, P) for q in params)
-        getattr(_cl, name)(views[0].size, *views, *tiled, R, W, *bufs)
+        getattr(_cl, kernel)(views[0].size, *views, *tiled, R, W, *bufs)
+        if kernel == "moments" and views[0].itemsize == 4 and not np.isfinite(bufs[1:]).all():
+            # A float32 deviation overflowed (or the data hold NaN/inf): float64 deviations.
+            _cl.moments_wide(views[0].size, *views, *tiled, R, W, *bufs)
         n = np.full(K, float(R))
         n[-1] = M - R * (K - 1)
         parts.append(bufs.reshape(nout, K * P, C))
@@ -350,10 +353,6 @@ def _moments(p, x3, method, ddof=0):
         _cf.stats_small(x3.size, x3, mean, m2)
         return mean, m2 / (L - ddof)
     (hi, lo, m2), counts = _reduce(p, "moments", (x3,), (), nout=3)
-    if (p.channels_last and x3.itemsize == 4 and _cl_reduction("moments", x3) == "moments"
-            and not (np.isfinite(lo).all() and np.isfinite(m2).all())):
-        # A float32 deviation overflowed (or the data hold NaN/inf): float64 deviations.
-        (hi, lo, m2), counts = _reduce(p, "moments_wide", (x3,), (), nout=3)
     mean = np.empty(p.C)
     var = np.empty(p.C)
     _merge.merge_moments(hi.size, counts, hi, lo, m2, mean, var, float(ddof))

@@ -6,8 +6,6 @@ the tile (``parts[k, c]`` for row block ``k``), merged afterwards in a fixed ord
 index 1-D slices from 0 so that Numba's negative-index handling does not block vectorisation.
 """
 
-import math
-
 import numba
 import numpy as np
 
