@@ -12,7 +12,8 @@
   Children's results are compared with the parent's serial run by digest.
 
 Inputs mix small tensors (< ``fastbn._config.SERIAL_BELOW`` = 32768 elements: the kernels'
-serial builds), in every layout family of the input generator, with a few medium ones
+serial builds, except the one-call kernels of channels-first tensors of 8192 elements or more,
+which split channels among threads), in every layout family of the input generator, with a few medium ones
 (>= 32768: the parallel builds), which are called less often so the test stays short.
 """
 
@@ -39,7 +40,9 @@ PARALLEL_FROM = getattr(fastbn._config, "SERIAL_BELOW", 1 << 15)
 SMALL_IDS = ["nchw_256x14-float32", "nhwc_56x64-float64", "torch_channels_last-float64",
              "strided_channel-float32", "odd_3x5x7_axis-1-float64", "fortran_nchw-float32",
              "reversed_channel_last-float64", "transposed_2d_T-float32", "c1_nc-float64",
-             "nc_1024-float32"]
+             "nc_1024-float32", "threaded_n1-float32", "threaded_strided_batch-float64"]
+# small, but large enough for the one-call kernels' parallel builds
+SMALL_THREADED_IDS = ["threaded_n1-float32", "threaded_strided_batch-float64"]
 # >= 32768 elements: parallel builds (channels-first, channels-last with few channels, C == 1)
 LARGE_IDS = ["medium_nchw-float32", "medium_nhwc_c3-float64", "medium_c1_long-float32"]
 #: relative call frequency of a large case's tasks (small cases: 1)
@@ -88,6 +91,8 @@ def _build_tasks():
         c = inputs.build(cid)
         x, axis = c.x, c.axis
         assert (x.size >= PARALLEL_FROM) == (cid in LARGE_IDS), (cid, x.size)
+        if cid in SMALL_THREADED_IDS:
+            assert x.size >= 2 * fastbn._config.SMALL_PARALLEL_FROM, (cid, x.size)
         w, b, rm, rv = inputs.params(x.shape[axis], x.dtype, cid)
         dy = inputs.like(x, cid)
         _, mean, invstd = fastbn.batch_norm_train(x, w, b, axis=axis)

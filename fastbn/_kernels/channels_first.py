@@ -18,9 +18,10 @@ import math
 import numba
 import numpy as np
 
-from .._config import helper, kernel
+from .._config import SMALL_PARALLEL_FROM, helper, kernel
 from .merge import affine_params, chan
-from .simd import affine_run, affine_run_nt, at, bwd_apply_run, bwd_apply_run_nt, fence
+from .simd import (affine_run, affine_run_nt, at, block_bwd_sums, block_moments, bwd_apply_run,
+                   bwd_apply_run_nt, fence)
 
 
 @helper
@@ -35,10 +36,12 @@ def _run_sums(xr, center):
     return s1, s2
 
 
-@helper
+@helper(exact=True)
 def _m2(d1, d2, n):
     """``d2 - d1^2 / n``; +inf rather than inf - inf = NaN when only the squares overflowed
-    (finite data whose spread exceeds the float64 range when squared)."""
+    (finite data whose spread exceeds the float64 range when squared).  Exact: with
+    reassociation LLVM may fold the finiteness test ``d1 - d1 == 0`` to true (it did once
+    inlined after the block sums), turning NaN data into an infinite variance."""
     m2 = d2 - d1 * (d1 / n)
     if m2 != m2 and d1 - d1 == 0.0:  # NaN result, finite sum of deviations
         return math.inf
@@ -218,6 +221,13 @@ def bwd_apply(x, dy, mu, a, q, r, dx, K, nt):
 
 
 @helper
+def _rows(x):
+    """Elements from one row ``n`` of a view to the next (its strides are multiples of the item
+    size: views are aligned, see _layout)."""
+    return x.strides[0] // x.itemsize
+
+
+@helper(exact=True)
 def _channel_moments(x, c):
     """Mean and M2 of channel ``c`` in one shifted pass (for small tensors): sums of
     ``x - x[0, c, 0]`` over all its runs.  The relative loss is ``eps * ((x0 - mean) / std)^2``
@@ -226,17 +236,12 @@ def _channel_moments(x, c):
     Chan's update cost 2x more per channel on short runs."""
     N, C, S = x.shape
     hi = np.float64(x[0, c, 0])
-    d1 = 0.0
-    d2 = 0.0
-    for n in range(N):
-        u, v = _run_sums(x[n, c], hi)
-        d1 += u
-        d2 += v
+    d1, d2 = block_moments((at(x, (0, c, 0)),), S, N, (_rows(x),), (hi,))
     L = float(N * S)
     return hi + d1 / L, _m2(d1, d2, L)
 
 
-@kernel
+@kernel(exact=True, serial_below=2 * SMALL_PARALLEL_FROM)
 def stats_small(x, mean, m2):
     """Per-channel mean and M2 in one call, for tensors small enough to sit in cache whole:
     there the kernel launches, not the memory traffic, are the cost."""
@@ -265,7 +270,7 @@ def infer_small(x, center, var, weight, bias, eps, lo, narrow, y, params):
                 affine_run((at(x, (n, c, 0)),), at(y, (n, c, 0)), S, par)
 
 
-@kernel
+@kernel(exact=True, serial_below=SMALL_PARALLEL_FROM)
 def train_small(x, weight, bias, eps, y, mean, var):
     """Forward training in one call for small tensors (see :func:`stats_small`)."""
     N, C, S = x.shape
@@ -280,7 +285,7 @@ def train_small(x, weight, bias, eps, y, mean, var):
             affine_run((at(x, (n, c, 0)),), at(y, (n, c, 0)), S, par)
 
 
-@kernel
+@kernel(exact=True, serial_below=SMALL_PARALLEL_FROM)
 def backward_small(x, dy, mu, invstd, weight, training, dx, grads):
     """Backward in one call for small tensors (see :func:`stats_small`): per channel, the sums
     ``sum(dy)`` and ``sum(dy * (x - mu))``, then ``dx`` in the factored form of
@@ -291,13 +296,8 @@ def backward_small(x, dy, mu, invstd, weight, training, dx, grads):
     L = float(N * S)
     for c in numba.prange(C):
         m = np.float64(mu[c])
-        sg = 0.0
-        sgx = 0.0
-        for n in range(N):
-            for t in range(S):
-                g = dy[n, c, t]
-                sg += g
-                sgx += g * (x[n, c, t] - m)
+        sg, sgx = block_bwd_sums((at(x, (0, c, 0)), at(dy, (0, c, 0))), S, N,
+                                 (_rows(x), _rows(dy)), (m,))
         istd = np.float64(invstd[c])
         grads[0, c] = sgx * istd
         grads[1, c] = sg

@@ -165,6 +165,98 @@ def _run_intrinsic(body, nt, rows=False):
     return run
 
 
+def _hsum(builder, v):
+    """The sum of a vector's lanes, halving the vector each step: a fixed order, in log2 steps
+    instead of a chain of ``n`` dependent adds."""
+    n = v.type.count
+    while n > 1:
+        h = n // 2
+        halves = [builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), h),
+                                                           list(range(i, i + h))))
+                  for i in (0, h)]
+        v = builder.fadd(*halves)
+        n = h
+    return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+
+
+def _block_intrinsic(body):
+    """An intrinsic ``run(ins, n, nrows, strides, params) -> (s1, s2)``: the float64 sums of
+    the two terms ``body(ins[.][r, t], params)`` over ``nrows`` rows of ``n`` contiguous values
+    (row ``r`` of input ``i`` is ``r * strides[i]`` elements on); ``params`` are scalars.  For
+    one channel's runs of a small channels-first tensor.
+
+    Each row goes in steps of one cache line into a float64 vector accumulator per term, its
+    last < 16 values into scalar ones; the lanes are summed once at the end.  The order is fixed
+    by ``n`` and ``nrows`` alone and the code carries no fast-math flags, so the serial and the
+    parallel build of a kernel give the same bits, which lets the small kernels use threads.
+    Against Numba's loop with reassociation (which vectorises only runs of 64 float32 values or
+    more), float32: (16, 64, 16) moments 6.4 -> 3.3 us, backward sums 6.8 -> 4.4 us; (1, 512, 49)
+    about even; runs of thousands of values about 1.3x slower (more float64 work per value
+    than LLVM's interleaved loop), which small tensors seldom have.
+    """
+
+    def codegen(context, builder, signature, args):
+        ins_t, _, _, _, par_t = signature.args
+        dtype = ins_t[0].dtype
+        d_ll = context.get_value_type(dtype)
+        f64 = ir.DoubleType()
+        isz = dtype.bitwidth // 8
+        width = LINE // isz
+        vt = ir.VectorType(f64, width)
+        ptrs = cgutils.unpack_tuple(builder, args[0])
+        n, nrows = args[1], args[2]
+        strides = cgutils.unpack_tuple(builder, args[3])
+        pars = [context.cast(builder, v, t, types.float64)
+                for v, t in zip(cgutils.unpack_tuple(builder, args[4]), par_t)]
+        vpars = [_splat(builder, v, width) for v in pars]
+        intp = n.type
+        zeros = ir.Constant(vt, [0.0] * width)
+        accs = [cgutils.alloca_once_value(builder, zeros) for _ in range(2)]
+        tail = [cgutils.alloca_once_value(builder, ir.Constant(f64, 0.0)) for _ in range(2)]
+        w = ir.Constant(intp, width)
+        done = builder.mul(builder.sdiv(n, w), w)
+
+        def step(base, idx, vector, acc):
+            def load(p):
+                p = builder.gep(p, [idx])
+                if vector:
+                    p = builder.bitcast(p, ir.VectorType(d_ll, width).as_pointer())
+                v = builder.load(p, align=isz)
+                return v if d_ll == f64 else builder.fpext(v, vt if vector else f64)
+
+            terms = body(builder, [load(p) for p in base], vpars if vector else pars)
+            for a, t in zip(acc, terms):
+                builder.store(builder.fadd(builder.load(a), t), a)
+
+        with cgutils.for_range(builder, nrows) as row:
+            base = [builder.gep(p, [builder.mul(row.index, st)]) for p, st in zip(ptrs, strides)]
+            with cgutils.for_range(builder, builder.sdiv(n, w)) as loop:
+                step(base, builder.mul(loop.index, w), True, accs)
+            with cgutils.for_range(builder, builder.sub(n, done)) as loop:
+                step(base, builder.add(done, loop.index), False, tail)
+        sums = [builder.fadd(_hsum(builder, builder.load(a)), builder.load(t))
+                for a, t in zip(accs, tail)]
+        return context.make_tuple(builder, signature.return_type, sums)
+
+    @intrinsic
+    def run(typingctx, ins, n, nrows, strides, params):
+        sig = types.UniTuple(types.float64, 2)(ins, n, nrows, strides, params)
+        return sig, codegen
+
+    return run
+
+
+def _blk_moments(b, xs, ps):
+    # float64 deviations from the shift (data widened first): no overflow, exact near the shift
+    d = b.fsub(xs[0], ps[0])
+    return d, b.fmul(d, d)
+
+
+def _blk_bwd_sums(b, xs, ps):
+    x, dy = xs
+    return dy, b.fmul(dy, b.fsub(x, ps[0]))
+
+
 GROUP = 4  # line-wide strips summed together: 4 lines of each row per sweep, 16 accumulators
 
 
@@ -286,6 +378,8 @@ bwd_apply_rows = _run_intrinsic(_bwd_apply, nt=False, rows=True)
 bwd_apply_rows_nt = _run_intrinsic(_bwd_apply, nt=True, rows=True)
 column_moments = _column_intrinsic(_col_moments)
 column_bwd_sums = _column_intrinsic(_col_bwd_sums)
+block_moments = _block_intrinsic(_blk_moments)
+block_bwd_sums = _block_intrinsic(_blk_bwd_sums)
 
 
 if numba.config.DISABLE_JIT:
@@ -345,6 +439,22 @@ if numba.config.DISABLE_JIT:
         g = dy.astype(np.float64)
         return g, g * (x.astype(np.float64) - mu)
 
+    def _python_block(body):
+        def run(ins, n, nrows, strides, params):
+            t1 = t2 = 0.0
+            for row in range(nrows):
+                a, b = body(*[_span(p, n, row) for p in ins], *params)
+                t1 += a.sum()
+                t2 += b.sum()
+            return t1, t2
+        return run
+
+    def _blk_moments_py(x, c):
+        d = x.astype(np.float64) - c
+        return d, d * d
+
+    block_moments = _python_block(_blk_moments_py)
     column_moments = _python_columns(_moments_py)
     column_bwd_sums = _python_columns(_bwd_sums_py)
+    block_bwd_sums = _python_block(_bwd_sums_py)
     bwd_apply_rows = bwd_apply_rows_nt = _python_run(_bwd_apply_py, rows=True)
