@@ -24,7 +24,9 @@ __all__ = [
     "batch_norm",
 ]
 
-_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
+_FLOATS = (_F32, _F64)
 _METHODS = ("auto", "two_pass", "welford")
 _ACTIVATIONS = (None, "relu")
 _NEG_INF = -math.inf
@@ -49,6 +51,8 @@ def _array(a, name):
 
 def _integer(value, name):
     """``value`` as a Python int; bools and floats are refused (``TypeError`` naming it)."""
+    if type(value) is int:
+        return value
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be an integer, got bool")
     try:
@@ -89,6 +93,8 @@ def _native(v):
 def _param(v, name, C):
     """An optional per-channel parameter, validated and in native byte order for the kernels
     (None stays None)."""
+    if type(v) is np.ndarray and v.shape == (C,) and (v.dtype is _F32 or v.dtype is _F64):
+        return v  # the common case, without the checks' cost (0.4 -> 0.17 us, 4 per call)
     return None if v is None else _native(_channel_vector(v, name, C))
 
 
