@@ -212,16 +212,15 @@ def _streams(run, itemsize):
     return run * itemsize >= _config.STREAM_RUN_BYTES
 
 
-def _cl_reduction(name, x2, wide=False):
+def _cl_reduction(name, x2):
     """The channels-last reduction kernel for ``x2``: the column-strip kernels keep a tile's
     sums in registers but sweep its rows once per 64 channels (float32), so rows of more than
     two sweeps that do not fit in cache are read in a strided pattern that measured 1.4-1.7x
-    slower (4096 x 2048 float32); those use the ``_wide`` kernels, which read row by row.
-    ``wide`` asks for those whatever the shape."""
+    slower (4096 x 2048 float32); those use the ``_wide`` kernels, which read row by row."""
     if name not in ("moments", "bwd_sums"):
         return name
     narrow = x2.shape[1] * x2.itemsize <= _NARROW_ROW_BYTES
-    if wide or not narrow and x2.nbytes > _config.LLC_BYTES // 4:
+    if not narrow and x2.nbytes > _config.LLC_BYTES // 4:
         return name + "_wide"
     return name
 
@@ -267,9 +266,8 @@ def _cl_parts(arrays, C):
     return parts
 
 
-def _reduce(p, name, arrays, params, nout=2, wide=False):
-    """Run the partial-reduction kernel ``name`` of the view's family (channels-last: ``wide``
-    as in :func:`_cl_reduction`).
+def _reduce(p, name, arrays, params, nout=2):
+    """Run the partial-reduction kernel ``name`` of the view's family.
 
     Returns the ``nout`` partial buffers stacked as one ``(nout, K, C)`` array (each tile owns
     a contiguous row), and the number of values behind each of the ``K`` partials (None except
@@ -297,8 +295,7 @@ def _reduce(p, name, arrays, params, nout=2, wide=False):
         K = -(-M // R)
         bufs = np.empty((nout, K, Cw))
         tiled = params if P == 1 else tuple(np.tile(q, P) for q in params)
-        getattr(_cl, _cl_reduction(name, views[0], wide))(views[0].size, *views, *tiled, R, W,
-                                                          *bufs)
+        getattr(_cl, _cl_reduction(name, views[0]))(views[0].size, *views, *tiled, R, W, *bufs)
         n = np.full(K, float(R))
         n[-1] = M - R * (K - 1)
         parts.append(bufs.reshape(nout, K * P, C))
@@ -362,13 +359,7 @@ def _moments(p, x3, method, ddof=0):
     mean = np.empty(p.C)
     var = np.empty(p.C)
     (hi, lo, m2), counts = _reduce(p, "moments", (x3,), (), nout=3)
-    bad = _merge.merge_moments(hi.size, counts, hi, lo, m2, mean, var, float(ddof))
-    if bad and p.channels_last and x3.itemsize == 4:
-        # The column kernels form float32 deviations, which overflow for data near +-3e38 (or
-        # the data hold NaN/inf): again with float64 deviations.  Checked on the merged result,
-        # C values, rather than on every partial (measured 4.5 us of a 50 us call).
-        (hi, lo, m2), counts = _reduce(p, "moments", (x3,), (), nout=3, wide=True)
-        _merge.merge_moments(hi.size, counts, hi, lo, m2, mean, var, float(ddof))
+    _merge.merge_moments(hi.size, counts, hi, lo, m2, mean, var, float(ddof))
     return mean, var
 
 

@@ -152,8 +152,8 @@ def test_wide_row_reductions_match_reference(monkeypatch, shape, dtype):
     names = []
     original = F._cl_reduction
 
-    def spy(name, x2, wide=False):
-        chosen = original(name, x2, wide)
+    def spy(name, x2):
+        chosen = original(name, x2)
         names.append(chosen)
         return chosen
 

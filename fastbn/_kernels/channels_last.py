@@ -107,13 +107,9 @@ def moments(x, R, W, hi, lo, m2):
     One pass over the tile: sums of ``x - hi`` with ``hi`` the tile's first row, a sample of
     each channel, so the deviations are of the order of the spread (see the channels-first
     ``_run_moments`` for the error bound), held in registers across the tile
-    (simd.column_sums).  Deviations are formed in the data's type: a float32 deviation can
-    overflow (data near the float32 maximum), which the caller sees as a non-finite partial and
-    answers with :func:`moments_wide`.  (Calling that here, per tile, made this loop 3x slower:
-    the fallback's code in the same function spoiled the compiled row loop.)  Compiled without
-    fast-math flags: Numba puts them on every instruction, the vector sums' included, and
-    reassociation then differed between the serial and parallel builds, so results depended
-    on the thread count.
+    (simd.column_moments), in float64.  Compiled without fast-math flags: Numba puts them on
+    every instruction, the vector sums' included, and reassociation then differed between the
+    serial and parallel builds, so results depended on the thread count.
     """
     M, C, NB, items = _tiles(x, R, W)
     stride = x.strides[0] // x.itemsize
@@ -130,8 +126,8 @@ def moments(x, R, W, hi, lo, m2):
 
 @kernel
 def moments_wide(x, R, W, hi, lo, m2):
-    """:func:`moments` with float64 deviations, four rows per accumulator update: for wide rows
-    (see functional._cl_reduction), and for float32 data whose deviations overflow float32."""
+    """:func:`moments` reading row by row, four rows per accumulator update: for wide rows (see
+    functional._cl_reduction)."""
     M, C, NB, items = _tiles(x, R, W)
     for it in numba.prange(items):
         k, r0, r1, c0, c1 = _tile(it, NB, R, W, M, C)

@@ -32,10 +32,8 @@ def merge_moments(count, hi, lo, m2, mean_out, var_out, ddof):
     """Merge per-chunk moments ``(hi + lo, m2)[k, c]`` of ``count[k]`` values each, chunk by
     chunk in a fixed order (not as threads finish), so results do not depend on the thread
     count.  The chunk loop is outside the channel loop: every chunk holds the same count for all
-    channels, so the weights are scalars and the inner loop vectorises across channels.
-    Returns the number of channels whose mean or variance is not finite."""
+    channels, so the weights are scalars and the inner loop vectorises across channels."""
     K, C = hi.shape
-    bad = 0
     for blk in numba.prange((C + _BLOCK - 1) // _BLOCK):
         c0 = blk * _BLOCK
         c1 = min(C, c0 + _BLOCK)
@@ -60,13 +58,9 @@ def merge_moments(count, hi, lo, m2, mean_out, var_out, ddof):
             n += nb
         mo = mean_out[c0:c1]
         vo = var_out[c0:c1]
-        nb = 0
         for c in range(off.shape[0]):
             mo[c] = base[c] + off[c]
             vo[c] = s[c] / (n - ddof)
-            nb += not (mo[c] - mo[c] == 0.0 and vo[c] - vo[c] == 0.0)
-        bad += nb
-    return bad
 
 
 @kernel(exact=True)

@@ -339,9 +339,11 @@ def _column_intrinsic(body):
 
 
 def _col_moments(b, xs, ps, widen):
-    # d = x - c in the data's type (exact for x near c, the tile's first row), then widened:
-    # float64 squares neither overflow nor underflow
-    d = widen(b.fsub(xs[0], ps[0]))
+    # d = x - c in float64 (data widened first): exact for x near c, and neither d nor its
+    # square overflows or underflows, whatever the data.  Forming d in float32 instead saved
+    # nothing measurable (the loop is not bound by arithmetic) and needed a fallback for data
+    # near the float32 maximum.
+    d = b.fsub(widen(xs[0]), widen(ps[0]))
     return d, b.fmul(d, d)
 
 
@@ -432,7 +434,7 @@ if numba.config.DISABLE_JIT:
         return run
 
     def _moments_py(x, c):
-        d = (x - c).astype(np.float64)
+        d = x.astype(np.float64) - c
         return d, d * d
 
     def _bwd_sums_py(x, dy, mu):
@@ -449,11 +451,7 @@ if numba.config.DISABLE_JIT:
             return t1, t2
         return run
 
-    def _blk_moments_py(x, c):
-        d = x.astype(np.float64) - c
-        return d, d * d
-
-    block_moments = _python_block(_blk_moments_py)
+    block_moments = _python_block(_moments_py)
     column_moments = _python_columns(_moments_py)
     column_bwd_sums = _python_columns(_bwd_sums_py)
     block_bwd_sums = _python_block(_bwd_sums_py)
