@@ -230,10 +230,15 @@ def _cf_flat_items(size):
 
 
 def _fuse(p, x):
-    """Whether statistics (and forward training) run as one kernel call: on small tensors the
-    launches, not the memory traffic, are the cost.  By size only, never by thread count, so
-    that results do not depend on the number of threads."""
-    return not p.channels_last and x.size < _config.SERIAL_BELOW
+    """Whether an operation runs as one kernel call (the ``*_small`` kernels): on small tensors
+    the launches, not the memory traffic, are the cost.  By size only, never by thread count,
+    so that results do not depend on the number of threads."""
+    return x.size < _config.SERIAL_BELOW
+
+
+def _family(p):
+    """The kernel module for the view: channels-last ``(M, C)`` or channels-first."""
+    return _cl if p.channels_last else _cf
 
 
 # ----------------------------------------------------------------------------- kernel drivers
@@ -354,7 +359,7 @@ def _moments(p, x3, method, ddof=0):
     if _fuse(p, x3):
         mean = np.empty(p.C)
         m2 = np.empty(p.C)
-        _cf.stats_small(x3.size, x3, mean, m2)
+        _family(p).stats_small(x3.size, x3, mean, m2)
         return mean, m2 / (L - ddof)
     mean = np.empty(p.C)
     var = np.empty(p.C)
@@ -448,7 +453,8 @@ def _train(x, axis, weight, bias, eps, out):
     if _fuse(p, x):
         mean = np.empty(C)
         var = np.empty(C)
-        _cf.train_small(x3.size, x3, _filled(w, C, 1.0), _filled(b, C, 0.0), eps, y3, mean, var)
+        _family(p).train_small(x3.size, x3, _filled(w, C, 1.0), _filled(b, C, 0.0), eps, y3,
+                               mean, var)
     else:
         mean, var = _moments(p, x3, "welford")
         _affine(p, x3, y3, mean, var, w, b, eps, _NEG_INF, x3.size // C,
@@ -517,8 +523,8 @@ def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, ep
     y3, finish = p.output(y)
     lo = 0.0 if activation == "relu" else _NEG_INF
     if _fuse(p, x):
-        _cf.infer_small(x3.size, x3, rm, rv, w, b, eps, lo, x3.dtype == np.float32, y3,
-                        np.empty((3, C)))
+        _family(p).infer_small(x3.size, x3, rm, rv, w, b, eps, lo, x3.dtype == np.float32, y3,
+                               np.empty((3, C)))
     else:
         _affine(p, x3, y3, rm, rv, w, b, eps, lo, fresh=out is None or finish is not None)
     if finish is not None:
@@ -572,7 +578,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
     dx3, finish = p.output(dx)
     if _fuse(p, x3):
         grads = np.empty((2, C), x.dtype)
-        _cf.backward_small(x3.size, x3, dy3, mean, invstd, w, training, dx3, grads)
+        _family(p).backward_small(x3.size, x3, dy3, mean, invstd, w, training, dx3, grads)
         if finish is not None:
             finish()
         return dx, grads[0], grads[1]

@@ -166,11 +166,15 @@ _SPECS = [
     ("offset_nc", 1, _offset((200, 16), 1)),
     ("offset_long_nc", 1, _offset((2048, 3), 1)),       # many values per channel
     ("offset_long_nhwc", -1, _offset((8, 16, 16, 3), -1)),
-    # --- small channels-first tensors whose one-call kernels split channels among threads -------
+    # --- small tensors whose one-call kernels split channels among threads ----------------------
     # (from fastbn._config.SMALL_PARALLEL_FROM = 8192 elements, under 32768)
     ("threaded_n1", 1, _plain((1, 384, 7, 7), 1)),
     ("threaded_nchw", 1, _plain((8, 32, 8, 8), 1)),
     ("threaded_strided_batch", 1, _view((24, 40, 6, 6), 1, lambda a: a[::2])),
+    ("threaded_nhwc", -1, _plain((2, 12, 12, 64), -1)),
+    ("threaded_nc", 1, _plain((96, 200), 1)),                # 3 blocks of 64 channels and 8
+    ("threaded_nhwc_c5", -1, _plain((8, 24, 24, 5), -1)),
+    ("threaded_strided_nc", 1, _view((240, 150), 1, lambda a: a[::2])),
     # --- medium sizes: enough work per channel for chunked / parallel reductions ----------------
     ("medium_c1_long", 1, _plain((2, 1, 256, 256), 1)),
     ("medium_nhwc_c3", -1, _plain((4, 64, 64, 3), -1)),

@@ -40,13 +40,16 @@ PARALLEL_FROM = getattr(fastbn._config, "SERIAL_BELOW", 1 << 15)
 SMALL_IDS = ["nchw_256x14-float32", "nhwc_56x64-float64", "torch_channels_last-float64",
              "strided_channel-float32", "odd_3x5x7_axis-1-float64", "fortran_nchw-float32",
              "reversed_channel_last-float64", "transposed_2d_T-float32", "c1_nc-float64",
-             "nc_1024-float32", "threaded_n1-float32", "threaded_strided_batch-float64"]
+             "nc_1024-float32"]
 # small, but large enough for the one-call kernels' parallel builds
-SMALL_THREADED_IDS = ["threaded_n1-float32", "threaded_strided_batch-float64"]
+SMALL_THREADED_IDS = ["threaded_n1-float32", "threaded_strided_batch-float64",
+                      "threaded_nhwc-float32", "threaded_nc-float64", "threaded_nhwc_c5-float32",
+                      "threaded_strided_nc-float32"]
+SMALL_IDS += SMALL_THREADED_IDS
 # >= 32768 elements: parallel builds (channels-first, channels-last with few channels, C == 1)
 LARGE_IDS = ["medium_nchw-float32", "medium_nhwc_c3-float64", "medium_c1_long-float32"]
 #: relative call frequency of a large case's tasks (small cases: 1)
-LARGE_WEIGHT = 0.25
+LARGE_WEIGHT = 0.4
 
 KINDS = ("stats-two_pass", "stats-welford", "train", "infer", "backward", "backward-eval",
          "batch_norm")

@@ -6,11 +6,14 @@ the tile (``parts[k, c]`` for row block ``k``), merged afterwards in a fixed ord
 index 1-D slices from 0 so that Numba's negative-index handling does not block vectorisation.
 """
 
+import math
+
 import numba
 import numpy as np
 
-from .._config import helper, kernel
-from .channels_first import _m2
+from .._config import SMALL_PARALLEL_FROM, helper, kernel
+from .channels_first import _m2, _rows
+from .merge import affine_params
 from .simd import (affine_rows, affine_rows_nt, at, bwd_apply_rows, bwd_apply_rows_nt,
                    column_bwd_sums, column_moments, fence)
 
@@ -217,3 +220,116 @@ def bwd_apply(x, dy, mu, a, q, r, dx, R, W, nt):
             fence()
         else:
             bwd_apply_rows(src, dst, c1 - c0, par, r1 - r0, strides)
+
+
+# ----------------------------------------------------------------------------- small tensors
+# One call per operation for tensors of fewer than SERIAL_BELOW values (see the channels-first
+# ``stats_small``): work items are blocks of channels over every row, so each channel's
+# statistics are complete within its item and its normalisation follows at once, while the
+# block is in cache.  A channel's sums run in the same order whichever thread takes its block,
+# so results do not depend on the thread count.
+
+_BLOCK = 64  # channels per work item: one sweep of the column kernels (float32)
+
+
+@helper
+def _blocks(C):
+    return (C + _BLOCK - 1) // _BLOCK
+
+
+@helper(exact=True)
+def _block_moments(x, c0, c1, mean, m2):
+    """Mean and M2 over every row of channels ``[c0, c1)`` into ``mean`` and ``m2``: one pass
+    shifted by the first row, as a tile of :func:`moments` (error bound: the channels-first
+    ``_channel_moments``)."""
+    M = x.shape[0]
+    column_moments((at(x, (1, c0)),), M - 1, c1 - c0, (_rows(x),), (at(x, (0, c0)),),
+                   at(mean, (c0,)), at(m2, (c0,)))
+    for c in range(c0, c1):
+        d1 = mean[c]
+        mean[c] = np.float64(x[0, c]) + d1 / M
+        m2[c] = _m2(d1, m2[c], float(M))
+
+
+@kernel(exact=True, serial_below=2 * SMALL_PARALLEL_FROM)
+def stats_small(x, mean, m2):
+    """Per-channel mean and M2 in one call, for small tensors."""
+    C = x.shape[1]
+    for b in numba.prange(_blocks(C)):
+        c0 = b * _BLOCK
+        _block_moments(x, c0, min(C, c0 + _BLOCK), mean, m2)
+
+
+@kernel(exact=True)
+def infer_small(x, center, var, weight, bias, eps, lo, narrow, y, params):
+    """Inference in one call for small tensors, with the parameters and lanes of the general
+    path (see the channels-first ``infer_small``)."""
+    ok = affine_params(center, var, weight, bias, eps, 0, narrow, params)
+    M, C = x.shape
+    strides = (_rows(x), _rows(y))
+    p32 = params.astype(np.float32)
+    lo32 = np.float32(lo)
+    for b in numba.prange(_blocks(C)):
+        c0 = b * _BLOCK
+        n = min(C, c0 + _BLOCK) - c0
+        src = (at(x, (0, c0)),)
+        dst = at(y, (0, c0))
+        if ok:
+            par32 = (at(p32, (0, c0)), at(p32, (1, c0)), at(p32, (2, c0)), lo32)
+            affine_rows(src, dst, n, par32, M, strides)
+        else:
+            par = (at(params, (0, c0)), at(params, (1, c0)), at(params, (2, c0)), lo)
+            affine_rows(src, dst, n, par, M, strides)
+
+
+@kernel(exact=True, serial_below=SMALL_PARALLEL_FROM)
+def train_small(x, weight, bias, eps, y, mean, var):
+    """Forward training in one call for small tensors: per block of channels, the statistics,
+    then ``y`` in float64 lanes (as the channels-first ``train_small``)."""
+    M, C = x.shape
+    strides = (_rows(x), _rows(y))
+    scale = np.empty(C)
+    for b in numba.prange(_blocks(C)):
+        c0 = b * _BLOCK
+        c1 = min(C, c0 + _BLOCK)
+        _block_moments(x, c0, c1, mean, var)
+        for c in range(c0, c1):
+            v = var[c] / M
+            var[c] = v
+            scale[c] = weight[c] / math.sqrt(v + eps)
+        par = (at(mean, (c0,)), at(scale, (c0,)), at(bias, (c0,)), -math.inf)
+        affine_rows((at(x, (0, c0)),), at(y, (0, c0)), c1 - c0, par, M, strides)
+
+
+@kernel(exact=True, serial_below=SMALL_PARALLEL_FROM)
+def backward_small(x, dy, mu, invstd, weight, training, dx, grads):
+    """Backward in one call for small tensors (as the channels-first ``backward_small``): per
+    block of channels, the sums, ``grads`` (``dweight``, ``dbias``), then ``dx``."""
+    M, C = x.shape
+    L = float(M)
+    rows = (_rows(x), _rows(dy), _rows(dx))
+    par = np.empty((4, C))  # mu, a, q, r of merge.backward_params, in float64
+    for b in numba.prange(_blocks(C)):
+        c0 = b * _BLOCK
+        c1 = min(C, c0 + _BLOCK)
+        for c in range(c0, c1):
+            par[0, c] = np.float64(mu[c])
+        column_bwd_sums((at(x, (0, c0)), at(dy, (0, c0))), M, c1 - c0, rows[:2],
+                        (at(par, (0, c0)),), at(par, (2, c0)), at(par, (3, c0)))
+        for c in range(c0, c1):
+            sg = par[2, c]
+            sgx = par[3, c]
+            istd = np.float64(invstd[c])
+            grads[0, c] = sgx * istd
+            grads[1, c] = sg
+            par[1, c] = istd if weight is None else np.float64(weight[c]) * istd
+            par[2, c] = -istd * (istd * sgx / L)
+            par[3, c] = -sg / L
+        if training:
+            bwd_apply_rows((at(x, (0, c0)), at(dy, (0, c0))), at(dx, (0, c0)), c1 - c0,
+                           (at(par, (0, c0)), at(par, (1, c0)), at(par, (2, c0)),
+                            at(par, (3, c0))), M, rows)
+        else:
+            # evaluation mode: dx = a * dy, independent of x (an infinite x must not give NaN)
+            affine_rows((at(dy, (0, c0)),), at(dx, (0, c0)), c1 - c0,
+                        (0.0, at(par, (1, c0)), 0.0, -math.inf), M, rows[1:])
