@@ -142,7 +142,7 @@ def test_fresh_outputs_never_stream(monkeypatch, shape, axis):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(300, 200), (6, 7, 9, 130)])
+@pytest.mark.parametrize("shape", [(1200, 200), (24, 7, 9, 130)])
 def test_wide_row_reductions_match_reference(monkeypatch, shape, dtype):
     # Channels-last reductions read rows of more than 512 bytes with the row-by-row ``_wide``
     # kernels when the tensor does not fit in cache, and with the column kernels when it does;

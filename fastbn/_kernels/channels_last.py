@@ -224,17 +224,18 @@ def bwd_apply(x, dy, mu, a, q, r, dx, R, W, nt):
 
 # ----------------------------------------------------------------------------- small tensors
 # One call per operation for tensors of fewer than SERIAL_BELOW values (see the channels-first
-# ``stats_small``): work items are blocks of channels over every row, so each channel's
+# ``stats_small``), and for those with few enough rows (functional._fuse): work items are
+# blocks of channels over every row, so each channel's
 # statistics are complete within its item and its normalisation follows at once, while the
 # block is in cache.  A channel's sums run in the same order whichever thread takes its block,
 # so results do not depend on the thread count.
 
-_BLOCK = 64  # channels per work item: one sweep of the column kernels (float32)
+BLOCK = 64  # channels per work item: one sweep of the column kernels (float32)
 
 
 @helper
 def _blocks(C):
-    return (C + _BLOCK - 1) // _BLOCK
+    return (C + BLOCK - 1) // BLOCK
 
 
 @helper(exact=True)
@@ -256,8 +257,8 @@ def stats_small(x, mean, m2):
     """Per-channel mean and M2 in one call, for small tensors."""
     C = x.shape[1]
     for b in numba.prange(_blocks(C)):
-        c0 = b * _BLOCK
-        _block_moments(x, c0, min(C, c0 + _BLOCK), mean, m2)
+        c0 = b * BLOCK
+        _block_moments(x, c0, min(C, c0 + BLOCK), mean, m2)
 
 
 @kernel(exact=True)
@@ -270,8 +271,8 @@ def infer_small(x, center, var, weight, bias, eps, lo, narrow, y, params):
     p32 = params.astype(np.float32)
     lo32 = np.float32(lo)
     for b in numba.prange(_blocks(C)):
-        c0 = b * _BLOCK
-        n = min(C, c0 + _BLOCK) - c0
+        c0 = b * BLOCK
+        n = min(C, c0 + BLOCK) - c0
         src = (at(x, (0, c0)),)
         dst = at(y, (0, c0))
         if ok:
@@ -290,8 +291,8 @@ def train_small(x, weight, bias, eps, y, mean, var):
     strides = (_rows(x), _rows(y))
     scale = np.empty(C)
     for b in numba.prange(_blocks(C)):
-        c0 = b * _BLOCK
-        c1 = min(C, c0 + _BLOCK)
+        c0 = b * BLOCK
+        c1 = min(C, c0 + BLOCK)
         _block_moments(x, c0, c1, mean, var)
         for c in range(c0, c1):
             v = var[c] / M
@@ -310,8 +311,8 @@ def backward_small(x, dy, mu, invstd, weight, training, dx, grads):
     rows = (_rows(x), _rows(dy), _rows(dx))
     par = np.empty((4, C))  # mu, a, q, r of merge.backward_params, in float64
     for b in numba.prange(_blocks(C)):
-        c0 = b * _BLOCK
-        c1 = min(C, c0 + _BLOCK)
+        c0 = b * BLOCK
+        c1 = min(C, c0 + BLOCK)
         for c in range(c0, c1):
             par[0, c] = np.float64(mu[c])
         column_bwd_sums((at(x, (0, c0)), at(dy, (0, c0))), M, c1 - c0, rows[:2],

@@ -159,6 +159,15 @@ def backward_params(sums, mu, invstd, weight, count, training, narrow, out):
 
 
 @helper(exact=True)
+def saved_stats(mean, var, eps, out):
+    """``out[0] = mean``, ``out[1] = 1 / sqrt(var + eps)`` in ``out``'s type: what the forward
+    pass saves for the backward pass, in one call instead of five NumPy ones (4 us)."""
+    for c in range(mean.shape[0]):
+        out[0, c] = mean[c]
+        out[1, c] = 1.0 / math.sqrt(var[c] + eps)
+
+
+@helper(exact=True)
 def _fits32(v):
     """Whether ``v`` is zero or well inside float32's normal range (products of two such
     coefficients with data stay representable)."""
