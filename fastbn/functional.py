@@ -171,6 +171,7 @@ def _require_training_size(x, axis):
 # happen in the same order and give bit-identical results with any number of threads.
 
 _NARROW_ROW_BYTES = 512  # channels-last rows read in at most two column sweeps
+_SHORT_RUN = 128  # channels-first runs shorter than this use the *_short reductions
 _MIN_ROWS = 32  # channels-last reductions: rows per tile, so partial buffers stay small
 
 
@@ -307,8 +308,10 @@ def _reduce(p, name, arrays, params, nout=2):
         R, W, SB = _cf_tiles(N, C, S, x3.itemsize)
         KN, KS = -(-N // R), -(-S // SB)
         bufs = np.empty((nout, KN * KS, C))
+        if SB < _SHORT_RUN and name in ("moments", "bwd_sums"):
+            name += "_short"
         getattr(_cf, name)(x3.size, *arrays, *params, R, W, SB, *bufs)
-        if name != "moments":  # only Chan's merge needs the counts
+        if not name.startswith("moments"):  # only Chan's merge needs the counts
             return bufs, None
         rows = np.full(KN, float(R))
         rows[-1] = N - R * (KN - 1)

@@ -179,6 +179,7 @@ _SPECS = [
     ("medium_c1_long", 1, _plain((2, 1, 256, 256), 1)),
     ("medium_nhwc_c3", -1, _plain((4, 64, 64, 3), -1)),
     ("medium_nchw", 1, _plain((8, 16, 24, 24), 1)),
+    ("medium_short_runs", 1, _plain((16, 128, 5, 5), 1)),   # runs < 128: *_short reductions
 ]
 
 _BY_NAME = {name: (axis, make) for name, axis, make in _SPECS}

@@ -57,6 +57,10 @@ LAYOUTS = {
     "reversed_nhwc": (-1, {"serial": (4, 5, 7, 6), "parallel": (8, 32, 32, 6)},
                       lambda a: a[::-1, :, ::-1, ::-1]),
     "strided_batch": (1, {"serial": (8, 6, 5, 7), "parallel": (16, 6, 32, 32)}, lambda a: a[::2]),
+    # runs shorter than 128 values: the channels-first *_short reductions
+    "short_runs": (1, {"serial": (4, 24, 5, 5), "parallel": (64, 24, 5, 5)}, lambda a: a),
+    "short_runs_strided_batch": (1, {"serial": (8, 24, 3, 7), "parallel": (160, 24, 3, 7)},
+                                 lambda a: a[::2]),
     "strided_inner": (1, {"serial": (4, 6, 5, 14), "parallel": (8, 6, 32, 64)},
                       lambda a: a[..., ::2]),  # no mergeable view: copied once
     "strided_channel_nhwc": (-1, {"serial": (4, 5, 7, 12), "parallel": (8, 32, 32, 12)},
