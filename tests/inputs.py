@@ -180,6 +180,10 @@ _SPECS = [
     ("medium_nhwc_c3", -1, _plain((4, 64, 64, 3), -1)),
     ("medium_nchw", 1, _plain((8, 16, 24, 24), 1)),
     ("medium_short_runs", 1, _plain((16, 128, 5, 5), 1)),   # runs < 128: *_short reductions
+    # channels-last with few rows: training and backward by blocks of channels (functional._fuse)
+    ("medium_nc_few_rows", 1, _plain((128, 384), 1)),
+    # statistics by blocks of channels from 16 blocks (functional._fuse_stats), more rows
+    ("medium_nc_1024", 1, _plain((520, 1024), 1)),
 ]
 
 _BY_NAME = {name: (axis, make) for name, axis, make in _SPECS}

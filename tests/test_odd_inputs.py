@@ -57,6 +57,8 @@ LAYOUTS = {
     "reversed_nhwc": (-1, {"serial": (4, 5, 7, 6), "parallel": (8, 32, 32, 6)},
                       lambda a: a[::-1, :, ::-1, ::-1]),
     "strided_batch": (1, {"serial": (8, 6, 5, 7), "parallel": (16, 6, 32, 32)}, lambda a: a[::2]),
+    # channels-last with few rows: training and backward by blocks of channels
+    "nc_few_rows": (1, {"serial": (40, 48), "parallel": (128, 384)}, lambda a: a),
     # runs shorter than 128 values: the channels-first *_short reductions
     "short_runs": (1, {"serial": (4, 24, 5, 5), "parallel": (64, 24, 5, 5)}, lambda a: a),
     "short_runs_strided_batch": (1, {"serial": (8, 24, 3, 7), "parallel": (160, 24, 3, 7)},
