@@ -613,7 +613,8 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
     dx3, finish = p.output(dx)
     if _fuse(p, x3):
         grads = np.empty((2, C), x.dtype)
-        _family(p).backward_small(_items_size(p, x3), x3, dy3, mean, invstd, w, training, dx3, grads)
+        _family(p).backward_small(_items_size(p, x3), x3, dy3, mean, invstd, w, training,
+                                  x3.dtype == np.float32, dx3, grads)
         if finish is not None:
             finish()
         return dx, grads[0], grads[1]

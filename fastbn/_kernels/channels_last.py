@@ -13,7 +13,7 @@ import numpy as np
 
 from .._config import SMALL_PARALLEL_FROM, helper, kernel
 from .channels_first import _m2, _rows
-from .merge import affine_params
+from .merge import affine_params, bwd_coefficients, bwd_fits32, narrow_centre
 from .simd import (affine_rows, affine_rows_nt, at, bwd_apply_rows, bwd_apply_rows_nt,
                    column_bwd_sums, column_moments, fence)
 
@@ -303,13 +303,15 @@ def train_small(x, weight, bias, eps, y, mean, var):
 
 
 @kernel(exact=True, serial_below=SMALL_PARALLEL_FROM)
-def backward_small(x, dy, mu, invstd, weight, training, dx, grads):
+def backward_small(x, dy, mu, invstd, weight, training, narrow, dx, grads):
     """Backward in one call for small tensors (as the channels-first ``backward_small``): per
-    block of channels, the sums, ``grads`` (``dweight``, ``dbias``), then ``dx``."""
+    block of channels, the sums, ``grads`` (``dweight``, ``dbias``), then ``dx``, in float32
+    lanes when ``narrow`` and every coefficient of the block allows it."""
     M, C = x.shape
     L = float(M)
     rows = (_rows(x), _rows(dy), _rows(dx))
     par = np.empty((4, C))  # mu, a, q, r of merge.backward_params, in float64
+    p32 = np.empty((4, C), np.float32)
     for b in numba.prange(_blocks(C)):
         c0 = b * BLOCK
         c1 = min(C, c0 + BLOCK)
@@ -317,20 +319,34 @@ def backward_small(x, dy, mu, invstd, weight, training, dx, grads):
             par[0, c] = np.float64(mu[c])
         column_bwd_sums((at(x, (0, c0)), at(dy, (0, c0))), M, c1 - c0, rows[:2],
                         (at(par, (0, c0)),), at(par, (2, c0)), at(par, (3, c0)))
+        fits = narrow
         for c in range(c0, c1):
             sg = par[2, c]
             sgx = par[3, c]
             istd = np.float64(invstd[c])
             grads[0, c] = sgx * istd
             grads[1, c] = sg
-            par[1, c] = istd if weight is None else np.float64(weight[c]) * istd
-            par[2, c] = -istd * (istd * sgx / L)
-            par[3, c] = -sg / L
-        if training:
-            bwd_apply_rows((at(x, (0, c0)), at(dy, (0, c0))), at(dx, (0, c0)), c1 - c0,
-                           (at(par, (0, c0)), at(par, (1, c0)), at(par, (2, c0)),
-                            at(par, (3, c0))), M, rows)
-        else:
+            a = istd if weight is None else np.float64(weight[c]) * istd
+            q, r = bwd_coefficients(sg, sgx, istd, L, True)
+            par[1, c] = a
+            par[2, c] = q
+            par[3, c] = r
+            fits = fits and bwd_fits32(par[0, c], a, q, r, istd, L)
+        src = (at(x, (0, c0)), at(dy, (0, c0)))
+        dst = at(dx, (0, c0))
+        if not training:
             # evaluation mode: dx = a * dy, independent of x (an infinite x must not give NaN)
-            affine_rows((at(dy, (0, c0)),), at(dx, (0, c0)), c1 - c0,
-                        (0.0, at(par, (1, c0)), 0.0, -math.inf), M, rows[1:])
+            affine_rows((at(dy, (0, c0)),), dst, c1 - c0, (0.0, at(par, (1, c0)), 0.0, -math.inf),
+                        M, rows[1:])
+        elif fits:
+            for c in range(c0, c1):
+                m32, r32 = narrow_centre(par[0, c], par[2, c], par[3, c])
+                p32[0, c] = m32
+                p32[1, c] = par[1, c]
+                p32[2, c] = par[2, c]
+                p32[3, c] = r32
+            bwd_apply_rows(src, dst, c1 - c0, (at(p32, (0, c0)), at(p32, (1, c0)),
+                                               at(p32, (2, c0)), at(p32, (3, c0))), M, rows)
+        else:
+            bwd_apply_rows(src, dst, c1 - c0, (at(par, (0, c0)), at(par, (1, c0)),
+                                               at(par, (2, c0)), at(par, (3, c0))), M, rows)

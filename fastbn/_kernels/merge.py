@@ -136,13 +136,8 @@ def backward_params(sums, mu, invstd, weight, count, training, narrow, out):
         istd = np.float64(invstd[c])
         a = istd if weight is None else weight[c] * istd
         m = np.float64(mu[c])
-        q = 0.0
-        r = 0.0
-        if training:
-            q = -istd * (istd * sums[1, c] / count)
-            r = -sums[0, c] / count
-        spread = istd * istd * 1e74 > count
-        bad += not (_fits32(m) & _fits32(a) & _fits32(q) & _fits32(r) & spread)
+        q, r = bwd_coefficients(sums[0, c], sums[1, c], istd, count, training)
+        bad += not bwd_fits32(m, a, q, r, istd, count)
         out[0, c] = m
         out[1, c] = a
         out[2, c] = q
@@ -150,12 +145,31 @@ def backward_params(sums, mu, invstd, weight, count, training, narrow, out):
     ok = narrow and bad == 0
     if ok:
         for c in range(C):
-            # the centre's float32 rounding moves into r: q * (x - m) = q * (x - m32) - q * (m - m32)
-            m = out[0, c]
-            r32 = np.float64(np.float32(m))
-            out[3, c] -= out[2, c] * (m - r32)
-            out[0, c] = r32
+            out[0, c], out[3, c] = narrow_centre(out[0, c], out[2, c], out[3, c])
     return ok
+
+
+@helper(exact=True)
+def bwd_coefficients(sg, sgx, istd, count, training):
+    """``(q, r)`` of :func:`backward_params` for one channel with sums ``sg``, ``sgx``."""
+    if training:
+        return -istd * (istd * sgx / count), -sg / count
+    return 0.0, 0.0
+
+
+@helper(exact=True)
+def bwd_fits32(m, a, q, r, istd, count):
+    """Whether one channel's backward coefficients allow float32 lanes (see
+    :func:`backward_params`)."""
+    return _fits32(m) & _fits32(a) & _fits32(q) & _fits32(r) & (istd * istd * 1e74 > count)
+
+
+@helper(exact=True)
+def narrow_centre(m, q, r):
+    """``(m32, r)`` for float32 lanes: the centre rounded to float32 (``x - m32`` is exact for
+    ``x`` near it), its rounding moved into ``r``: ``q * (x - m) = q * (x - m32) - q * (m - m32)``."""
+    m32 = np.float64(np.float32(m))
+    return m32, r - q * (m - m32)
 
 
 @helper(exact=True)
