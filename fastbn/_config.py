@@ -95,10 +95,11 @@ FASTMATH = frozenset({"reassoc", "contract", "nsz"})
 # exceeds the work, so the serial build of the same kernel runs instead.
 SERIAL_BELOW = 1 << 15
 
-# The one-call kernels of small channels-first tensors (< SERIAL_BELOW) split their channels
-# among the threads from this many elements: a launch (1.6 us here) is then paid back, e.g.
-# (1, 512, 7, 7) float32 backward at 2 threads 11 vs 18 us serial, (16, 64, 4, 4) 7 vs 9 us.
-# Each channel is computed whole by one thread, in the same order in either build.
+# The one-call kernels of small tensors (< SERIAL_BELOW values) split their work items
+# (channels; channels-last: blocks of 64 channels) among the threads from this many values:
+# a launch (1.6 us here) is then paid back, e.g. (1, 512, 7, 7) float32 backward at 2 threads
+# 11 vs 18 us serial, (16, 64, 4, 4) 7 vs 9 us.  Each item is computed whole by one thread, in
+# the same order in either build.
 SMALL_PARALLEL_FROM = 1 << 13
 
 # Work items of roughly this many elements: many items for load balance, each large enough
