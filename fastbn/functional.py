@@ -253,6 +253,8 @@ def _fuse(p, x):
 
 
 def _fuse_stats(p, x):
+    """:func:`_fuse` for statistics, which also take the block kernels for wide channels-last
+    tensors in cache (see ``_FUSED_STATS_BLOCKS``)."""
     if _fuse(p, x):
         return True
     return (p.channels_last and p.C >= _FUSED_STATS_BLOCKS * _cl.BLOCK

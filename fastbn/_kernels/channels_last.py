@@ -115,14 +115,13 @@ def moments(x, R, W, hi, lo, m2):
     serial and parallel builds, so results depended on the thread count.
     """
     M, C, NB, items = _tiles(x, R, W)
-    stride = x.strides[0] // x.itemsize
     for it in numba.prange(items):
         k, r0, r1, c0, c1 = _tile(it, NB, R, W, M, C)
         h = hi[k, c0:c1]
         x0 = x[r0, c0:c1]
         for c in range(h.shape[0]):
             h[c] = x0[c]
-        column_moments((at(x, (r0 + 1, c0)),), r1 - r0 - 1, c1 - c0, (stride,),
+        column_moments((at(x, (r0 + 1, c0)),), r1 - r0 - 1, c1 - c0, (_rows(x),),
                        (at(x, (r0, c0)),), at(lo, (k, c0)), at(m2, (k, c0)))
         _finish(lo[k, c0:c1], m2[k, c0:c1], float(r1 - r0))
 
@@ -164,7 +163,7 @@ def bwd_sums(x, dy, mu, R, W, sg, sgx):
     """Per tile sums of ``dy`` and ``dy * (x - mu[c])`` into ``sg[K, C]``, ``sgx[K, C]``
     (float64 terms, in registers across the tile: simd.column_bwd_sums)."""
     M, C, NB, items = _tiles(x, R, W)
-    strides = (x.strides[0] // x.itemsize, dy.strides[0] // dy.itemsize)
+    strides = (_rows(x), _rows(dy))
     for it in numba.prange(items):
         k, r0, r1, c0, c1 = _tile(it, NB, R, W, M, C)
         column_bwd_sums((at(x, (r0, c0)), at(dy, (r0, c0))), r1 - r0, c1 - c0, strides,
@@ -191,7 +190,7 @@ def affine(x, center, scale, shift, lo, y, R, W, nt):
     (centring as in the channels-first kernel).  A tile's rows are vector runs with
     per-element parameters (see simd); ``nt``: stream ``y`` past the cache."""
     M, C, NB, items = _tiles(x, R, W)
-    strides = (x.strides[0] // x.itemsize, y.strides[0] // y.itemsize)
+    strides = (_rows(x), _rows(y))
     for it in numba.prange(items):
         k, r0, r1, c0, c1 = _tile(it, NB, R, W, M, C)
         src = (at(x, (r0, c0)),)
@@ -208,8 +207,7 @@ def affine(x, center, scale, shift, lo, y, R, W, nt):
 def bwd_apply(x, dy, mu, a, q, r, dx, R, W, nt):
     """Elementwise ``dx = a[c] * (dy + q[c] * (x - mu[c]) + r[c])``, tiles as in ``affine``."""
     M, C, NB, items = _tiles(x, R, W)
-    strides = (x.strides[0] // x.itemsize, dy.strides[0] // dy.itemsize,
-               dx.strides[0] // dx.itemsize)
+    strides = (_rows(x), _rows(dy), _rows(dx))
     for it in numba.prange(items):
         k, r0, r1, c0, c1 = _tile(it, NB, R, W, M, C)
         src = (at(x, (r0, c0)), at(dy, (r0, c0)))
@@ -225,9 +223,8 @@ def bwd_apply(x, dy, mu, a, q, r, dx, R, W, nt):
 # ----------------------------------------------------------------------------- small tensors
 # One call per operation for tensors of fewer than SERIAL_BELOW values (see the channels-first
 # ``stats_small``), and for those with few enough rows (functional._fuse): work items are
-# blocks of channels over every row, so each channel's
-# statistics are complete within its item and its normalisation follows at once, while the
-# block is in cache.  A channel's sums run in the same order whichever thread takes its block,
+# blocks of channels over every row, so each channel's statistics are complete within its item
+# and its normalisation follows at once, while the block is in cache.  A channel's sums run in the same order whichever thread takes its block,
 # so results do not depend on the thread count.
 
 BLOCK = 64  # channels per work item: one sweep of the column kernels (float32)
@@ -327,7 +324,7 @@ def backward_small(x, dy, mu, invstd, weight, training, narrow, dx, grads):
             grads[0, c] = sgx * istd
             grads[1, c] = sg
             a = istd if weight is None else np.float64(weight[c]) * istd
-            q, r = bwd_coefficients(sg, sgx, istd, L, True)
+            q, r = bwd_coefficients(sg, sgx, istd, L, training)
             par[1, c] = a
             par[2, c] = q
             par[3, c] = r

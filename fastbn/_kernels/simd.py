@@ -181,7 +181,8 @@ def _hsum(builder, v):
 
 def _block_intrinsic(body):
     """An intrinsic ``run(ins, n, nrows, strides, params) -> (s1, s2)``: the float64 sums of
-    the two terms ``body(ins[.][r, t], params)`` over ``nrows`` rows of ``n`` contiguous values
+    the two terms of ``body`` (the bodies of :func:`_column_intrinsic`) over ``nrows`` rows of
+    ``n`` contiguous values
     (row ``r`` of input ``i`` is ``r * strides[i]`` elements on); ``params`` are scalars.  For
     one channel's runs of a small channels-first tensor.
 
@@ -217,14 +218,18 @@ def _block_intrinsic(body):
         done = builder.mul(builder.sdiv(n, w), w)
 
         def step(base, idx, vector, acc):
+            ft = vt if vector else f64
+
+            def widen(v):
+                return v if v.type == ft else builder.fpext(v, ft)
+
             def load(p):
                 p = builder.gep(p, [idx])
                 if vector:
                     p = builder.bitcast(p, ir.VectorType(d_ll, width).as_pointer())
-                v = builder.load(p, align=isz)
-                return v if d_ll == f64 else builder.fpext(v, vt if vector else f64)
+                return builder.load(p, align=isz)
 
-            terms = body(builder, [load(p) for p in base], vpars if vector else pars)
+            terms = body(builder, [load(p) for p in base], vpars if vector else pars, widen)
             for a, t in zip(acc, terms):
                 builder.store(builder.fadd(builder.load(a), t), a)
 
@@ -244,17 +249,6 @@ def _block_intrinsic(body):
         return sig, codegen
 
     return run
-
-
-def _blk_moments(b, xs, ps):
-    # float64 deviations from the shift (data widened first): no overflow, exact near the shift
-    d = b.fsub(xs[0], ps[0])
-    return d, b.fmul(d, d)
-
-
-def _blk_bwd_sums(b, xs, ps):
-    x, dy = xs
-    return dy, b.fmul(dy, b.fsub(x, ps[0]))
 
 
 GROUP = 4  # line-wide strips summed together: 4 lines of each row per sweep, 16 accumulators
@@ -338,7 +332,7 @@ def _column_intrinsic(body):
     return run
 
 
-def _col_moments(b, xs, ps, widen):
+def _moments_terms(b, xs, ps, widen):
     # d = x - c in float64 (data widened first): exact for x near c, and neither d nor its
     # square overflows or underflows, whatever the data.  Forming d in float32 instead saved
     # nothing measurable (the loop is not bound by arithmetic) and needed a fallback for data
@@ -347,7 +341,7 @@ def _col_moments(b, xs, ps, widen):
     return d, b.fmul(d, d)
 
 
-def _col_bwd_sums(b, xs, ps, widen):
+def _bwd_sums_terms(b, xs, ps, widen):
     # dy and dy * (x - mu), in float64 (four float32 gradients near the maximum would overflow)
     g = widen(xs[1])
     return g, b.fmul(g, b.fsub(widen(xs[0]), widen(ps[0])))
@@ -378,10 +372,10 @@ affine_rows = _run_intrinsic(_affine, nt=False, rows=True)
 affine_rows_nt = _run_intrinsic(_affine, nt=True, rows=True)
 bwd_apply_rows = _run_intrinsic(_bwd_apply, nt=False, rows=True)
 bwd_apply_rows_nt = _run_intrinsic(_bwd_apply, nt=True, rows=True)
-column_moments = _column_intrinsic(_col_moments)
-column_bwd_sums = _column_intrinsic(_col_bwd_sums)
-block_moments = _block_intrinsic(_blk_moments)
-block_bwd_sums = _block_intrinsic(_blk_bwd_sums)
+column_moments = _column_intrinsic(_moments_terms)
+column_bwd_sums = _column_intrinsic(_bwd_sums_terms)
+block_moments = _block_intrinsic(_moments_terms)
+block_bwd_sums = _block_intrinsic(_bwd_sums_terms)
 
 
 if numba.config.DISABLE_JIT:
