@@ -184,6 +184,8 @@ _SPECS = [
     ("medium_nc_few_rows", 1, _plain((128, 384), 1)),
     # statistics by blocks of channels from 16 blocks (functional._fuse_stats), more rows
     ("medium_nc_1024", 1, _plain((520, 1024), 1)),
+    # channels-first runs of >= 128 KB: backward channel by channel (functional._fuse_backward)
+    ("medium_long_runs", 1, _plain((2, 16, 32768), 1)),
 ]
 
 _BY_NAME = {name: (axis, make) for name, axis, make in _SPECS}

@@ -63,6 +63,9 @@ LAYOUTS = {
     "short_runs": (1, {"serial": (4, 24, 5, 5), "parallel": (64, 24, 5, 5)}, lambda a: a),
     "short_runs_strided_batch": (1, {"serial": (8, 24, 3, 7), "parallel": (160, 24, 3, 7)},
                                  lambda a: a[::2]),
+    # runs of >= 128 KB: the channels-first backward channel by channel
+    "long_runs_strided_batch": (1, {"serial": (4, 3, 8, 8), "parallel": (4, 16, 32768)},
+                                lambda a: a[::2]),
     "strided_inner": (1, {"serial": (4, 6, 5, 14), "parallel": (8, 6, 32, 64)},
                       lambda a: a[..., ::2]),  # no mergeable view: copied once
     "strided_channel_nhwc": (-1, {"serial": (4, 5, 7, 12), "parallel": (8, 32, 32, 12)},

@@ -48,7 +48,8 @@ SMALL_THREADED_IDS = ["threaded_n1-float32", "threaded_strided_batch-float64",
 SMALL_IDS += SMALL_THREADED_IDS
 # >= 32768 elements: parallel builds (channels-first, channels-last with few channels, C == 1)
 LARGE_IDS = ["medium_nchw-float32", "medium_nhwc_c3-float64", "medium_c1_long-float32",
-             "medium_short_runs-float64", "medium_nc_few_rows-float32"]
+             "medium_short_runs-float64", "medium_nc_few_rows-float32",
+             "medium_long_runs-float32"]
 #: relative call frequency of a large case's tasks (small cases: 1)
 LARGE_WEIGHT = 0.4
 
