@@ -15,6 +15,7 @@ from .functional import (  # noqa: E402
     update_running_stats,
 )
 from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, load  # noqa: E402
+from ._pool import get_output_cache, set_output_cache  # noqa: E402
 
 __all__ = [
     "channel_stats",
@@ -30,5 +31,7 @@ __all__ = [
     "load",
     "set_num_threads",
     "get_num_threads",
+    "set_output_cache",
+    "get_output_cache",
     "info",
 ]

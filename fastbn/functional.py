@@ -157,12 +157,15 @@ def _new_output(x):
 
 
 def _output(p, x, out, inputs):
-    """``(y, y3, finish)``: the output (``out`` checked against ``inputs``, or a new array like
-    ``x``), its kernel view and finisher (see ``_layout.Plan.output``)."""
+    """``(y, y3, finish, fresh)``: the output (``out`` checked against ``inputs``, or a new
+    array like ``x``), its kernel view and finisher (see ``_layout.Plan.output``), and whether
+    the kernel view is memory never written before (see :func:`_elementwise`)."""
     if out is None:
-        return p.new_output(x)
+        y, y3, finish, reused = p.new_output(x)
+        return y, y3, finish, not reused
     y = _check_out(out, x, inputs=inputs)
-    return (y,) + p.output(y)
+    y3, finish = p.output(y)
+    return y, y3, finish, finish is not None
 
 
 def _narrow(x):
@@ -523,7 +526,7 @@ def _train(x, axis, weight, bias, eps, out):
     w = _param(weight, "weight", C)
     b = _param(bias, "bias", C)
     p = _layout.plan(x, axis)
-    y, y3, finish = _output(p, x, out, ((x, "x"),))
+    y, y3, finish, fresh = _output(p, x, out, ((x, "x"),))
     x3 = p.as_input(x)
     if _fuse(p, x):
         mean = np.empty(C)
@@ -533,7 +536,7 @@ def _train(x, axis, weight, bias, eps, out):
     else:
         mean, var = _moments(p, x3, "welford")
         _affine(p, x3, y3, mean, var, w, b, eps, _NEG_INF, x3.size // C,
-                fresh=out is None or finish is not None)
+                fresh=fresh)
     if finish is not None:
         finish()
     return y, mean, var
@@ -595,14 +598,14 @@ def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, ep
     if x.size == 0:
         return _new_output(x) if out is None else _check_out(out, x, inputs=((x, "x"),))
     p = _layout.plan(x, axis)
-    y, y3, finish = _output(p, x, out, ((x, "x"),))
+    y, y3, finish, fresh = _output(p, x, out, ((x, "x"),))
     x3 = p.as_input(x)
     lo = 0.0 if activation == "relu" else _NEG_INF
     if x.size < _config.SERIAL_BELOW:  # blocks of larger ones measured no faster (see _fuse)
         _family(p).infer_small(_items_size(p, x3), x3, rm, rv, w, b, eps, lo, _narrow(x3), y3,
                                np.empty((3, C)))
     else:
-        _affine(p, x3, y3, rm, rv, w, b, eps, lo, fresh=out is None or finish is not None)
+        _affine(p, x3, y3, rm, rv, w, b, eps, lo, fresh=fresh)
     if finish is not None:
         finish()
     return y
@@ -649,7 +652,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
         z = np.zeros(C, dtype=x.dtype)
         return dx, z, z.copy()
     p = _layout.plan(x, axis)
-    dx, dx3, finish = _output(p, x, out, ((x, "x"), (dy, "dy")))
+    dx, dx3, finish, fresh = _output(p, x, out, ((x, "x"), (dy, "dy")))
     x3 = p.as_input(x)
     dy3 = p.as_input(dy)
     if _fuse_backward(p, x3):
@@ -662,7 +665,6 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
     L = _values_per_channel(x, axis)
     mu = mean.astype(np.float64)
     istd = invstd.astype(np.float64)
-    fresh = out is None or finish is not None
     parts, _ = _reduce(p, "bwd_sums", (x3, dy3), (mu,))
     sums = _merged_sums(parts)
     params = np.empty((4, C))

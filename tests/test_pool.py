@@ -1,0 +1,143 @@
+"""Reuse of large output buffers (fastbn._pool).
+
+A released output's memory may back a later output, so the tests check what must never happen:
+an output sharing memory with an array the caller still holds (directly or through a view), a
+wrong result computed into reused memory, more memory kept than the bound allows.  Most tests
+lower the size threshold so that small arrays go through the pool; one uses a real large size.
+"""
+
+import concurrent.futures
+import gc
+
+import inputs
+import numpy as np
+import pytest
+import reference
+from util import assert_close
+
+import fastbn
+from fastbn import _pool
+
+
+@pytest.fixture
+def pooled(monkeypatch):
+    """Pool arrays of 4 KB and more, with a 1 MB bound, starting empty; restored after."""
+    limit = fastbn.get_output_cache()
+    fastbn.set_output_cache(0)
+    monkeypatch.setattr(_pool, "MIN_BYTES", 4096)
+    fastbn.set_output_cache(1 << 20)
+    yield
+    fastbn.set_output_cache(0)
+    fastbn.set_output_cache(limit)
+
+
+def _data(shape=(4, 8, 16, 16), dtype=np.float32, key="x"):
+    return inputs._randn(inputs.rng_for("pool", shape, key), shape, 1, dtype)
+
+
+def _params(C, dtype):
+    return inputs.params(C, np.dtype(dtype), "pool")
+
+
+def test_output_never_aliases_a_live_array(pooled):
+    x = _data()
+    w, b, rm, rv = _params(8, np.float32)
+    first = fastbn.batch_norm_infer(x, rm, rv, w, b)
+    kept = first.copy()
+    second = fastbn.batch_norm_infer(x, rm, rv, w, b)
+    assert not np.shares_memory(first, second)
+    view = first[1:, ::2]
+    del first
+    gc.collect()
+    third = fastbn.batch_norm_infer(x, rm, rv, w, b)
+    assert not np.shares_memory(view, third) and not np.shares_memory(second, third)
+    np.testing.assert_array_equal(view, kept[1:, ::2])  # nobody wrote into the held view
+
+
+def test_released_output_is_reused_and_results_are_right(pooled):
+    x = _data()
+    dy = _data(key="dy")
+    w, b, rm, rv = _params(8, np.float32)
+    y, mean, invstd = fastbn.batch_norm_train(x, w, b)
+    block = id(y.base)
+    del y
+    gc.collect()
+    dx, dw, db = fastbn.batch_norm_backward(dy, x, mean, invstd, w)
+    assert id(dx.base) == block, "the released block was not reused"
+    ref_dx, ref_dw, ref_db = reference.batch_norm_backward(dy, x, mean, invstd, w)
+    assert_close(dx, ref_dx, np.float32, name="dx in reused memory")
+    assert_close(dw, ref_dw, np.float32, name="dweight")
+    assert_close(db, ref_db, np.float32, name="dbias")
+    assert fastbn.get_output_cache() == 1 << 20 and _pool.cached_bytes() <= 1 << 20
+
+
+def test_bound_is_kept_and_zero_turns_reuse_off(pooled):
+    x = _data()
+    w, b, rm, rv = _params(8, np.float32)
+    held = [fastbn.batch_norm_infer(x, rm, rv, w, b) for _ in range(40)]  # 32 KB each
+    assert _pool.cached_bytes() <= 1 << 20
+    assert len({a.__array_interface__["data"][0] for a in held}) == len(held)
+    fastbn.set_output_cache(0)
+    assert _pool.cached_bytes() == 0
+    y = fastbn.batch_norm_infer(x, rm, rv, w, b)
+    assert _pool.cached_bytes() == 0
+    assert y.base is None or y.base.dtype == y.dtype, "still carved from a byte block"
+    for a in held:
+        assert_close(a, reference.batch_norm_infer(x, rm, rv, w, b), np.float32)
+
+
+@pytest.mark.parametrize("value, error", [(-1, ValueError), (1.5, TypeError), (True, TypeError),
+                                          ("1", TypeError), (None, TypeError)])
+def test_set_output_cache_rejects(value, error):
+    with pytest.raises(error, match="nbytes"):
+        fastbn.set_output_cache(value)
+
+
+def test_environment_bound(monkeypatch):
+    monkeypatch.setenv("FASTBN_OUTPUT_CACHE", "12345")
+    assert _pool._default_limit() == 12345
+    monkeypatch.setenv("FASTBN_OUTPUT_CACHE", "lots")
+    with pytest.warns(UserWarning, match="FASTBN_OUTPUT_CACHE"):
+        assert _pool._default_limit() == 512 << 20
+
+
+def test_threads_never_share_an_output(pooled):
+    x = _data((2, 8, 32, 32))
+    w, b, rm, rv = _params(8, np.float32)
+    want = fastbn.batch_norm_infer(x, rm, rv, w, b).copy()
+
+    def work(k):
+        held = []
+        for i in range(200):
+            y = fastbn.batch_norm_infer(x, rm, rv, w, b)
+            y[0, 0, 0, 0] = k  # marks this thread's array; a shared one would be overwritten
+            held.append(y)
+            if len(held) > 3:
+                old = held.pop(0)
+                if old[0, 0, 0, 0] != k:
+                    return "an output was shared between threads"
+                old[0, 0, 0, 0] = want[0, 0, 0, 0]
+                if not np.array_equal(old, want):
+                    return "wrong result"
+        return None
+
+    with concurrent.futures.ThreadPoolExecutor(4) as ex:
+        errors = [e for e in ex.map(work, range(4)) if e]
+    assert not errors, errors
+
+
+def test_large_output_reused():
+    """At the real threshold (glibc's): a 32 MiB training output is reused once released."""
+    if fastbn.get_output_cache() < 2 * _pool.MIN_BYTES:
+        pytest.skip("output cache bound below two large outputs")
+    x = _data((8, 16, 256, 256), key="large")
+    w, b, _, _ = _params(16, np.float32)
+    y, _, _ = fastbn.batch_norm_train(x, w, b)
+    assert y.nbytes >= _pool.MIN_BYTES
+    block = id(y.base)
+    del y
+    gc.collect()
+    y, _, _ = fastbn.batch_norm_train(x, w, b)
+    assert id(y.base) == block
+    ref, _, _ = reference.batch_norm_train(x, w, b)
+    assert_close(y, ref, np.float32, name="y in reused memory")
