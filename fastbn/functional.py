@@ -195,6 +195,7 @@ def _require_training_size(x, axis):
 _NARROW_ROW_BYTES = 512  # channels-last rows read in at most two column sweeps
 _SHORT_RUN = 128  # channels-first runs shorter than this use the *_short reductions
 _MIN_ROWS = 32  # channels-last reductions: rows per tile, so partial buffers stay small
+_ELEMENTWISE_ITEMS = 16  # channels-last elementwise passes: tiles for load balance
 
 
 def _cf_tiles(N, C, S, itemsize):
@@ -215,14 +216,31 @@ def _cf_tiles(N, C, S, itemsize):
     return R, -(-C // nb), SB
 
 
-def _cl_tiles(M, C, reduce):
-    """Tile size (rows R, channels W) for a channels-last kernel."""
+def _cl_tiles(M, C, reduce, itemsize=4):
+    """Tile size (rows R, channels W) for a channels-last kernel.
+
+    Reductions split channels until there are ``MIN_ITEMS`` tiles: their partial buffers, and
+    so their results, must not depend on the thread count.  Elementwise passes give the same
+    values however they are tiled, and split only as far as balancing the load needs (16
+    tiles), since whole rows stream better than pieces of them; and, on tensors that stay in
+    cache, into at most 1024 channels, so that the per-channel parameters of a tile stay in L1.
+    Kernel times, float32, 2 threads, old (64 tiles) -> new: (256, 1024) 22.2 -> 19.1 us,
+    (1568, 512) 70 -> 57 us, (512, 2048) 112 -> 91 us, (32, 8192) 31.5 -> 27.9 us; whole
+    rows of 4096 in cache took 28.2 us instead of 21.8, and rows of 2048 out of cache
+    ((1568, 2048)) 634 us whole against 761 us in halves.
+    """
     R = max(1, _config.CHUNK // C)
     if reduce:
         R = max(_MIN_ROWS, R)
     R = min(R, M)
     K = -(-M // R)
-    nb = max(1, min(-(-C // 64), -(-_config.MIN_ITEMS // K)))
+    if reduce:
+        nb = -(-_config.MIN_ITEMS // K)
+    else:
+        nb = -(-_ELEMENTWISE_ITEMS // K)
+        if M * C * itemsize <= _config.LLC_BYTES // 4:
+            nb = max(nb, -(-C // 1024))
+    nb = max(1, min(-(-C // 64), nb))
     W = -(-C // nb)
     W = min(C, -(-W // 16) * 16)
     return R, W
@@ -402,7 +420,7 @@ def _elementwise(p, name, inputs, params, scalars, out3, fresh=False):
         return
     for views, P in _cl_parts(inputs + (out3,), p.C):
         M, Cw = views[0].shape
-        R, W = _cl_tiles(M, Cw, False)
+        R, W = _cl_tiles(M, Cw, False, views[0].itemsize)
         nt = big and _streams(W, views[0].itemsize)
         tiled = params if P == 1 else tuple(np.tile(q, P) for q in params)
         getattr(_cl, name)(views[0].size, *views[:-1], *tiled, *scalars, views[-1], R, W, nt)
