@@ -141,3 +141,31 @@ def test_large_output_reused():
     assert id(y.base) == block
     ref, _, _ = reference.batch_norm_train(x, w, b)
     assert_close(y, ref, np.float32, name="y in reused memory")
+
+
+@pytest.mark.parametrize("layout", ["fortran", "torch_channels_last", "strided_batch",
+                                    "negative_strides", "unmergeable_input_and_out"])
+def test_other_layouts_through_the_pool(pooled, layout):
+    """New outputs follow x's memory order; copies of inputs and scratch outputs (strides that
+    allow no kernel view) come from the pool too; results stay right when blocks are reused."""
+    base = _data((4, 8, 16, 16), key=layout)
+    x = {"fortran": np.asfortranarray(base),
+         "torch_channels_last": np.ascontiguousarray(base.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2),
+         "strided_batch": np.concatenate([base, base])[::2],
+         "negative_strides": base[::-1, :, ::-1],
+         "unmergeable_input_and_out": np.concatenate([base, base], axis=3)[..., ::2]}[layout]
+    w, b, rm, rv = _params(8, np.float32)
+    want = reference.batch_norm_infer(x, rm, rv, w, b)
+    for _ in range(3):  # the second and third calls run in reused blocks
+        if layout == "unmergeable_input_and_out":
+            out = np.empty((4, 8, 16, 32), np.float32)[..., ::2]
+            y = fastbn.batch_norm_infer(x, rm, rv, w, b, out=out)
+            assert y is out
+        else:
+            y = fastbn.batch_norm_infer(x, rm, rv, w, b)
+            order = np.argsort([-abs(s) for s in x.strides], kind="stable")
+            assert list(np.argsort([-abs(s) for s in y.strides], kind="stable")) == list(order)
+        assert_close(y, want, np.float32, name=f"{layout} output")
+        del y
+        gc.collect()
+    assert _pool.cached_bytes() > 0
