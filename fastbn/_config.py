@@ -67,9 +67,12 @@ def _last_level_cache(default=32 << 20):
 LLC_BYTES = _last_level_cache()
 
 
-# Caller-provided outputs at least this large are written with non-temporal stores: they cannot
-# stay in cache anyway, and skipping the write-allocate read measured 1.5x faster on a 100 MB
-# inference into out=; at 25 MB with a 32 MB last-level cache the two kinds of store tied.
+# Outputs at least this large, in memory written before (a caller's out=, or a reused block,
+# see _pool), are written with non-temporal stores: with an input as large they cannot both
+# stay in the last-level cache, and skipping the write-allocate read measured 1.5x faster on a
+# 100 MB inference into out=.  Kernel times at 2 threads with a 32 MB cache, another library's
+# call in between: (32, 64, 56, 56) float32 inference 1.30 -> 1.14 ms, (20, 64, 56, 56) 0.77
+# -> 0.73 ms; (16, 64, 56, 56), 12 MB, tied.
 def _stream_bytes():
     text = os.environ.get("FASTBN_STREAM_BYTES")
     if text:
@@ -77,7 +80,7 @@ def _stream_bytes():
             return max(0, int(text))
         except ValueError:
             warnings.warn(f"FASTBN_STREAM_BYTES={text!r} is not an integer; ignored", stacklevel=2)
-    return LLC_BYTES
+    return LLC_BYTES // 2
 
 
 STREAM_BYTES = _stream_bytes()

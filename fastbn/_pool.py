@@ -21,10 +21,10 @@ import warnings
 
 import numpy as np
 
-# Below this the C library's allocator keeps released memory itself (glibc raises its mmap
-# threshold up to 32 MiB after a release): (4, 32, 16, 56, 56) float32, 25.7 MB, measured the
-# same with a new output as with a reused one.
-MIN_BYTES = 32 << 20
+# From 32 MiB glibc returns released memory to the system, so each new output faults; from
+# 16 MiB outputs are also large enough for streaming stores (see _config.STREAM_BYTES), which
+# need memory known to be mapped, as a reused block is.
+MIN_BYTES = 16 << 20
 
 
 def _default_limit():

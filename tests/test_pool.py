@@ -127,7 +127,7 @@ def test_threads_never_share_an_output(pooled):
 
 
 def test_large_output_reused():
-    """At the real threshold (glibc's): a 32 MiB training output is reused once released."""
+    """At the real threshold: a 32 MiB training output is reused once released."""
     if fastbn.get_output_cache() < 2 * _pool.MIN_BYTES:
         pytest.skip("output cache bound below two large outputs")
     x = _data((8, 16, 256, 256), key="large")
