@@ -25,6 +25,7 @@ import numpy as np
 # 16 MiB outputs are also large enough for streaming stores (see _config.STREAM_BYTES), which
 # need memory known to be mapped, as a reused block is.
 MIN_BYTES = 16 << 20
+_ALIGN = 64  # a cache line
 
 
 def _default_limit():
@@ -70,25 +71,33 @@ _FREE_REFS = _count_refs()
 
 
 def empty(shape, dtype):
-    """A C-contiguous array like ``np.empty(shape, dtype)`` and whether its memory was used
-    before (its pages are mapped: no faults when it is written)."""
+    """A C-contiguous array like ``np.empty(shape, dtype)``, starting on a cache line (rows
+    whose length is a whole number of lines then take streaming stores, see
+    ``functional._streams``), and whether its memory was used before (its pages are mapped: no
+    faults when it is written)."""
     dtype = np.dtype(dtype)
     nbytes = dtype.itemsize
     for n in shape:
         nbytes *= n
     if nbytes < MIN_BYTES or _limit == 0:
         return np.empty(shape, dtype), False
+    size = nbytes + _ALIGN
+    reused = False
     with _lock:
         for i in range(len(_blocks)):
-            if _blocks[i].nbytes == nbytes and _free(i):
+            if _blocks[i].nbytes == size and _free(i):
                 block = _blocks.pop(i)
                 _blocks.append(block)
-                return np.ndarray(shape, dtype, buffer=block), True
-        if not _make_room(nbytes):
-            return np.empty(shape, dtype), False
-        block = np.empty(nbytes, np.uint8)
-        _blocks.append(block)
-    return np.ndarray(shape, dtype, buffer=block), False
+                reused = True
+                break
+        else:
+            if not _make_room(size):
+                return np.empty(shape, dtype), False
+            block = np.empty(size, np.uint8)
+            _blocks.append(block)
+    start = -block.__array_interface__["data"][0] % _ALIGN
+    # a slice of the block has the block as its base, so every view of it counts in _free
+    return block[start:start + nbytes].view(dtype).reshape(shape), reused
 
 
 def _make_room(nbytes):
