@@ -316,7 +316,9 @@ def _fuse_stats(p, x):
 # tiled passes stream whole rows; (8, 64, 16384) float32: 3.05 vs 2.70 ms), and channels beyond
 # a sixteenth of the last-level cache (per array) leave it before they are read again.  At 2
 # threads, whole calls: (4, 32, 16, 56, 56) float32 3.6 -> 2.8 ms, float64 10.4 -> 8.9 ms,
-# (2, 64, 32768) float32 1.9 -> 1.4 ms.  At least 16 channels, so that more cores each get one.
+# (2, 64, 32768) float32 1.9 -> 1.4 ms; streaming dx past the cache (a reused output) then
+# saved another 7-18% (kernel: 2.95 -> 2.58 ms).  At least 16 channels, so that more cores each
+# get one.
 _CHANNEL_RUN_BYTES = 128 << 10
 _CHANNEL_MIN = 16
 
@@ -415,13 +417,19 @@ def _reduce(p, name, arrays, params, nout=2):
     return bufs, counts[0] if len(counts) == 1 else np.concatenate(counts)
 
 
-def _elementwise(p, name, inputs, params, scalars, out3, fresh=False):
-    """Run the elementwise kernel ``name`` of the view's family: ``out3`` from ``inputs`` and
-    per-channel ``params``."""
+def _nt(out3, fresh):
+    """Whether ``out3`` is large enough, and mapped, for streaming stores (see
+    ``_config.STREAM_BYTES``; the runs must allow it too, see :func:`_streams`)."""
     # A fresh output is faulted in (zeroed by the OS, so in cache) by this very pass: streaming
     # stores then lost to ordinary ones (100 MB inference: 9.9 vs 9.1 ms), while into a reused
     # ``out=`` buffer they won (5.0 vs 7.7 ms).
-    big = not fresh and out3.nbytes >= _config.STREAM_BYTES
+    return not fresh and out3.nbytes >= _config.STREAM_BYTES
+
+
+def _elementwise(p, name, inputs, params, scalars, out3, fresh=False):
+    """Run the elementwise kernel ``name`` of the view's family: ``out3`` from ``inputs`` and
+    per-channel ``params``."""
+    big = _nt(out3, fresh)
     if not p.channels_last:
         x3 = inputs[0]
         nt = big and _streams(x3.shape[2], out3)
@@ -684,8 +692,11 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
     dy3 = p.as_input(dy)
     if _fuse_backward(p, x3):
         grads = np.empty((2, C), x.dtype)
-        _family(p).backward_small(_items_size(p, x3), x3, dy3, mean, invstd, w, training,
-                                  _narrow(x3), dx3, grads)
+        args = (_items_size(p, x3), x3, dy3, mean, invstd, w, training, _narrow(x3), dx3, grads)
+        if p.channels_last:
+            _cl.backward_small(*args)
+        else:  # channels that fit in cache: dx may be large enough to stream
+            _cf.backward_small(*args, _nt(dx3, fresh) and _streams(dx3.shape[2], dx3))
         if finish is not None:
             finish()
         return dx, grads[0], grads[1]

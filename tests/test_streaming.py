@@ -19,7 +19,8 @@ from fastbn import functional as F
 # channels-first runs and channels-last tiles wide enough to stream whatever their alignment;
 # short runs that are whole cache lines, which stream only when the output starts on a line;
 # and short runs that are not, which never stream.
-STREAMED = [((4, 8, 40, 40), 1), ((8, 5, 1000), 1), ((300, 2048), -1), ((40, 5, 5, 1100), -1)]
+STREAMED = [((4, 8, 40, 40), 1), ((8, 5, 1000), 1), ((300, 2048), -1), ((40, 5, 5, 1100), -1),
+            ((2, 16, 32768), 1)]  # the last: backward channel by channel (_fuse_backward)
 ALIGNED = [((2048, 64), -1), ((64, 32, 128), 1)]
 REFUSED = [((48, 16, 7, 7), 1), ((64, 602), -1)]
 
@@ -75,6 +76,7 @@ def _flags(monkeypatch, threshold):
     for mod in (F._cf, F._cl):
         for name in ("affine", "bwd_apply"):
             _spy(monkeypatch, mod, name, seen)
+    _spy(monkeypatch, F._cf, "backward_small", seen)
     return seen
 
 

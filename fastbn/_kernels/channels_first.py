@@ -317,12 +317,13 @@ def train_small(x, weight, bias, eps, y, mean, var):
 
 
 @kernel(exact=True, serial_below=SMALL_PARALLEL_FROM)
-def backward_small(x, dy, mu, invstd, weight, training, narrow, dx, grads):
-    """Backward in one call for small tensors (see :func:`stats_small`): per channel, the sums
-    ``sum(dy)`` and ``sum(dy * (x - mu))``, then ``dx`` in the factored form of
-    ``merge.backward_params``, in float32 lanes when ``narrow`` (float32 data) and the
-    channel's coefficients allow it (half the cost of float64 lanes: (1, 512, 7, 7) 7.2 ->
-    3.6 us), else float64; ``grads`` (dtype of ``x``) gets ``dweight`` and ``dbias``.  ``mu``,
+def backward_small(x, dy, mu, invstd, weight, training, narrow, dx, grads, nt):
+    """Backward in one call for small tensors (see :func:`stats_small`), and for channels that
+    fit in cache (``functional._fuse_backward``): per channel, the sums ``sum(dy)`` and
+    ``sum(dy * (x - mu))``, then ``dx`` in the factored form of ``merge.backward_params``, in
+    float32 lanes when ``narrow`` (float32 data) and the channel's coefficients allow it (half
+    the cost of float64 lanes: (1, 512, 7, 7) 7.2 -> 3.6 us), else float64; ``grads`` (dtype
+    of ``x``) gets ``dweight`` and ``dbias``; ``nt``: stream ``dx`` past the cache.  ``mu``,
     ``invstd`` and ``weight`` (or None) come as the caller passed them: converting them here
     saves three NumPy calls, a third of a small call's cost."""
     N, C, S = x.shape
@@ -340,14 +341,28 @@ def backward_small(x, dy, mu, invstd, weight, training, narrow, dx, grads):
             if narrow and bwd_fits32(m, a, q, r, istd, L):
                 m32, r32 = narrow_centre(m, q, r)
                 par32 = (np.float32(m32), np.float32(a), np.float32(q), np.float32(r32))
-                for n in range(N):
-                    bwd_apply_run((at(x, (n, c, 0)), at(dy, (n, c, 0))), at(dx, (n, c, 0)), S,
-                                  par32)
+                _bwd_apply_runs(x, dy, dx, c, par32, nt)
             else:
-                for n in range(N):
-                    bwd_apply_run((at(x, (n, c, 0)), at(dy, (n, c, 0))), at(dx, (n, c, 0)), S,
-                                  (m, a, q, r))
+                _bwd_apply_runs(x, dy, dx, c, (m, a, q, r), nt)
         else:
             # evaluation mode: dx = a * dy, independent of x (an infinite x must not give NaN)
+            par = (0.0, a, 0.0, -math.inf)
             for n in range(N):
-                affine_run((at(dy, (n, c, 0)),), at(dx, (n, c, 0)), S, (0.0, a, 0.0, -math.inf))
+                if nt:
+                    affine_run_nt((at(dy, (n, c, 0)),), at(dx, (n, c, 0)), S, par)
+                else:
+                    affine_run((at(dy, (n, c, 0)),), at(dx, (n, c, 0)), S, par)
+        if nt:
+            fence()
+
+
+@helper(exact=True)
+def _bwd_apply_runs(x, dy, dx, c, par, nt):
+    """``dx`` of channel ``c``, run by run (:func:`backward_small`)."""
+    N, C, S = x.shape
+    for n in range(N):
+        src = (at(x, (n, c, 0)), at(dy, (n, c, 0)))
+        if nt:
+            bwd_apply_run_nt(src, at(dx, (n, c, 0)), S, par)
+        else:
+            bwd_apply_run(src, at(dx, (n, c, 0)), S, par)
