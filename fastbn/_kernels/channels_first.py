@@ -341,9 +341,20 @@ def backward_small(x, dy, mu, invstd, weight, training, narrow, dx, grads, nt):
             if narrow and bwd_fits32(m, a, q, r, istd, L):
                 m32, r32 = narrow_centre(m, q, r)
                 par32 = (np.float32(m32), np.float32(a), np.float32(q), np.float32(r32))
-                _bwd_apply_runs(x, dy, dx, c, par32, nt)
+                for n in range(N):
+                    src = (at(x, (n, c, 0)), at(dy, (n, c, 0)))
+                    if nt:
+                        bwd_apply_run_nt(src, at(dx, (n, c, 0)), S, par32)
+                    else:
+                        bwd_apply_run(src, at(dx, (n, c, 0)), S, par32)
             else:
-                _bwd_apply_runs(x, dy, dx, c, (m, a, q, r), nt)
+                par = (m, a, q, r)
+                for n in range(N):
+                    src = (at(x, (n, c, 0)), at(dy, (n, c, 0)))
+                    if nt:
+                        bwd_apply_run_nt(src, at(dx, (n, c, 0)), S, par)
+                    else:
+                        bwd_apply_run(src, at(dx, (n, c, 0)), S, par)
         else:
             # evaluation mode: dx = a * dy, independent of x (an infinite x must not give NaN)
             par = (0.0, a, 0.0, -math.inf)
@@ -355,14 +366,3 @@ def backward_small(x, dy, mu, invstd, weight, training, narrow, dx, grads, nt):
         if nt:
             fence()
 
-
-@helper(exact=True)
-def _bwd_apply_runs(x, dy, dx, c, par, nt):
-    """``dx`` of channel ``c``, run by run (:func:`backward_small`)."""
-    N, C, S = x.shape
-    for n in range(N):
-        src = (at(x, (n, c, 0)), at(dy, (n, c, 0)))
-        if nt:
-            bwd_apply_run_nt(src, at(dx, (n, c, 0)), S, par)
-        else:
-            bwd_apply_run(src, at(dx, (n, c, 0)), S, par)
