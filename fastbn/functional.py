@@ -692,11 +692,13 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
     dy3 = p.as_input(dy)
     if _fuse_backward(p, x3):
         grads = np.empty((2, C), x.dtype)
-        args = (_items_size(p, x3), x3, dy3, mean, invstd, w, training, _narrow(x3), dx3, grads)
+        size = _items_size(p, x3)
         if p.channels_last:
-            _cl.backward_small(*args)
+            _cl.backward_small(size, x3, dy3, mean, invstd, w, training, _narrow(x3), dx3, grads)
         else:  # channels that fit in cache: dx may be large enough to stream
-            _cf.backward_small(*args, _nt(dx3, fresh) and _streams(dx3.shape[2], dx3))
+            nt = _nt(dx3, fresh) and _streams(dx3.shape[2], dx3)
+            _cf.backward_small(size, x3, dy3, mean, invstd, w, training, _narrow(x3), dx3, grads,
+                               nt)
         if finish is not None:
             finish()
         return dx, grads[0], grads[1]
