@@ -49,6 +49,18 @@ CACHE_DIR = _cache_dir()
 import numba  # noqa: E402  (after the environment is set up)
 
 
+def env_bytes(name, default):
+    """A size in bytes from the environment variable ``name`` (negative: 0), or ``default``
+    where it is unset or not an integer (with a warning)."""
+    text = os.environ.get(name)
+    if text:
+        try:
+            return max(0, int(text))
+        except ValueError:
+            warnings.warn(f"{name}={text!r} is not an integer; ignored", stacklevel=3)
+    return default
+
+
 def _last_level_cache(default=32 << 20):
     """Bytes of the largest CPU cache (Linux sysfs), or ``default`` where it cannot be read."""
     sizes = []
@@ -74,13 +86,7 @@ LLC_BYTES = _last_level_cache()
 # call in between: (32, 64, 56, 56) float32 inference 1.30 -> 1.14 ms, (20, 64, 56, 56) 0.77
 # -> 0.73 ms; (16, 64, 56, 56), 12 MB, tied.
 def _stream_bytes():
-    text = os.environ.get("FASTBN_STREAM_BYTES")
-    if text:
-        try:
-            return max(0, int(text))
-        except ValueError:
-            warnings.warn(f"FASTBN_STREAM_BYTES={text!r} is not an integer; ignored", stacklevel=2)
-    return LLC_BYTES // 2
+    return env_bytes("FASTBN_STREAM_BYTES", LLC_BYTES // 2)
 
 
 STREAM_BYTES = _stream_bytes()

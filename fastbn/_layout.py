@@ -46,7 +46,7 @@ class Plan:
     """
 
     __slots__ = ("shape", "axis", "C", "perm", "inverse", "kshape", "index", "shape3",
-                 "channels_last", "trivial", "contiguous")
+                 "channels_last", "trivial")
 
     def view(self, a):
         """``a`` as the kernel view without copying, or None if that is impossible.
@@ -72,7 +72,7 @@ class Plan:
         if v is None:
             v = a if self.index is None else a[self.index]
             # a new array: contiguous and aligned even where ``a`` was contiguous but not
-            buf = _pool.empty(self.kshape, a.dtype)[0]
+            buf = _pool.empty(self.kshape, a.dtype, a.nbytes)[0]
             np.copyto(buf, v.transpose(self.perm))
             v = buf.reshape(self.shape3)
         return v
@@ -81,15 +81,10 @@ class Plan:
         """A new output for the planned array ``x``, in its memory order: ``(y, y3, finish,
         reused)`` with its kernel view and finisher (see :meth:`output`), and whether its memory
         was written before (see _pool)."""
-        if self.contiguous:  # the common case in one allocation and a view (0.7 -> 0.35 us)
-            if x.nbytes < _pool.MIN_BYTES:
-                y3 = np.empty(self.shape3, x.dtype)
-                return (y3.reshape(self.shape), y3, None, False)
-            y3, reused = _pool.empty(self.shape3, x.dtype)
-            return (y3.reshape(self.shape), y3, None, reused)
         if self.index is None:  # axes in the kernel's order, which is x's order of strides
-            base, reused = _pool.empty(self.kshape, x.dtype)
-            return (base.transpose(self.inverse), base.reshape(self.shape3), None, reused)
+            base, reused = _pool.empty(self.kshape, x.dtype, x.nbytes)
+            y = base if self.trivial else base.transpose(self.inverse)
+            return (y, base.reshape(self.shape3), None, reused)
         y = np.empty_like(x, order="K")  # positive strides where x has negative ones
         return (y,) + self.output(y) + (False,)
 
@@ -99,7 +94,7 @@ class Plan:
         v = self.view(out)
         if v is not None:
             return v, None
-        scratch = _pool.empty(self.shape3, out.dtype)[0]
+        scratch = _pool.empty(self.shape3, out.dtype, out.nbytes)[0]
 
         def finish():
             dst = out if self.index is None else out[self.index]
@@ -116,10 +111,10 @@ _PLANS_MAX = 256
 def plan(x, axis):
     """Plan the kernel view for ``x`` reduced over every axis except ``axis`` (normalised).
 
-    Plans depend on shape, strides, item size and axis only; they are memoised because planning costs
+    Plans depend on shape, strides and axis only; they are memoised because planning costs
     more than the whole kernel on small tensors.
     """
-    key = (x.shape, x.strides, x.itemsize, axis)
+    key = (x.shape, x.strides, axis)
     p = _PLANS.get(key)
     if p is None:
         p = _plan(x, axis)
@@ -167,5 +162,4 @@ def _plan(x, axis):
     p.channels_last = S == 1
     p.shape3 = (N, C) if p.channels_last else (N, C, S)
     p.trivial = p.index is None and p.perm == tuple(range(x.ndim))
-    p.contiguous = p.trivial and x.flags.c_contiguous
     return p

@@ -17,9 +17,10 @@ bound and releases blocks beyond it.
 import os
 import sys
 import threading
-import warnings
 
 import numpy as np
+
+from ._config import env_bytes
 
 # From 32 MiB glibc returns released memory to the system, so each new output faults; from
 # 16 MiB outputs are also large enough for streaming stores (see _config.STREAM_BYTES), which
@@ -29,13 +30,7 @@ _ALIGN = 64  # a cache line
 
 
 def _default_limit():
-    text = os.environ.get("FASTBN_OUTPUT_CACHE")
-    if text:
-        try:
-            return max(0, int(text))
-        except ValueError:
-            warnings.warn(f"FASTBN_OUTPUT_CACHE={text!r} is not an integer; ignored", stacklevel=2)
-    return 512 << 20
+    return env_bytes("FASTBN_OUTPUT_CACHE", 512 << 20)
 
 
 _lock = threading.Lock()
@@ -70,15 +65,11 @@ def _count_refs():
 _FREE_REFS = _count_refs()
 
 
-def empty(shape, dtype):
-    """A C-contiguous array like ``np.empty(shape, dtype)``, starting on a cache line (rows
-    whose length is a whole number of lines then take streaming stores, see
-    ``functional._streams``), and whether its memory was used before (its pages are mapped: no
-    faults when it is written)."""
-    dtype = np.dtype(dtype)
-    nbytes = dtype.itemsize
-    for n in shape:
-        nbytes *= n
+def empty(shape, dtype, nbytes):
+    """A C-contiguous array like ``np.empty(shape, dtype)`` (``nbytes`` bytes, as the caller's
+    array of the same size), starting on a cache line (rows whose length is a whole number of
+    lines then take streaming stores, see ``functional._streams``), and whether its memory was
+    used before (its pages are mapped: no faults when it is written)."""
     if nbytes < MIN_BYTES or _limit == 0:
         return np.empty(shape, dtype), False
     size = nbytes + _ALIGN

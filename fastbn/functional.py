@@ -217,7 +217,7 @@ def _cf_tiles(N, C, S, itemsize):
     return R, -(-C // nb), SB
 
 
-def _cl_tiles(M, C, reduce, itemsize=4):
+def _cl_tiles(M, C, reduce, itemsize):
     """Tile size (rows R, channels W) for a channels-last kernel.
 
     Reductions split channels until there are ``MIN_ITEMS`` tiles: their partial buffers, and
@@ -404,7 +404,7 @@ def _reduce(p, name, arrays, params, nout=2):
     parts, counts = [], []
     for views, P in _cl_parts(arrays, C):
         M, Cw = views[0].shape
-        R, W = _cl_tiles(M, Cw, True)
+        R, W = _cl_tiles(M, Cw, True, views[0].itemsize)
         K = -(-M // R)
         bufs = np.empty((nout, K, Cw))
         tiled = params if P == 1 else tuple(np.tile(q, P) for q in params)

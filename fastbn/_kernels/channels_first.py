@@ -338,6 +338,9 @@ def backward_small(x, dy, mu, invstd, weight, training, narrow, dx, grads, nt):
         a = istd if weight is None else np.float64(weight[c]) * istd
         if training:
             q, r = bwd_coefficients(sg, sgx, istd, L, True)
+            # The run loop is written out for each parameter type: as a helper, LLVM left it
+            # out of line ((1, 512, 7, 7) kernel 23 -> 37 us), and inlined by Numba it measured
+            # 15 -> 18 us.
             if narrow and bwd_fits32(m, a, q, r, istd, L):
                 m32, r32 = narrow_centre(m, q, r)
                 par32 = (np.float32(m32), np.float32(a), np.float32(q), np.float32(r32))
