@@ -132,6 +132,22 @@ def test_adhoc_shape_runs():
     assert "mlp (256,1024)" in proc.stdout
 
 
+def test_one_value_per_channel_leaves_training_out(tmp_path):
+    # (1, 64): one value per channel; inference and statistics still run, training is refused by
+    # fastbn (as by torch.nn.functional.batch_norm), so it is left out with a note, not an error
+    js = tmp_path / "one.json"
+    proc = run_cli("--shapes", "1,64:1", "--ops", "train,infer,backward,stats", "--repeat", "3",
+                   "--budget", "0", "--no-progress", "--no-onnx", "--json", str(js))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ERROR" not in proc.stdout
+    assert "left out 1x64 forward-train: training needs more than one value" in proc.stdout
+    assert "left out 1x64 backward" in proc.stdout
+    doc = json.loads(js.read_text(encoding="utf-8"))
+    assert sorted(r["op"] for r in doc["results"]) == ["infer", "stats"]
+    assert sorted(r["op"] for r in doc["left_out"]) == ["backward", "train"]
+    assert all(r["fastbn_s"] > 0 for r in doc["results"])
+
+
 def test_nonsense_shape_fails_clearly():
     proc = run_cli("--shapes", "nonsense")
     assert proc.returncode == 2

@@ -104,16 +104,19 @@ def affine_params(center, var, weight, bias, eps, count, narrow, out):
         out[0, c] = m
         out[1, c] = scale
         out[2, c] = shift
-        spread = (count == 0) | (var[c] * count < 1e74)
-        bad += not (_fits32(m) & _fits32(scale) & _fits32(shift) & spread)
+        bad += not affine_fits32(m, scale, shift, var[c], count)
     ok = narrow and bad == 0
     if ok:
         for c in range(C):
-            m = out[0, c]
-            r = np.float64(np.float32(m))
-            out[2, c] -= (m - r) * out[1, c]
-            out[0, c] = r
+            out[0, c], out[2, c] = narrow_centre(out[0, c], out[1, c], out[2, c])
     return ok
+
+
+@helper(exact=True)
+def affine_fits32(m, scale, shift, var, count):
+    """Whether one channel's parameters allow float32 lanes (see :func:`affine_params`)."""
+    spread = (count == 0) | (var * count < 1e74)
+    return _fits32(m) & _fits32(scale) & _fits32(shift) & spread
 
 
 @helper(exact=True)
@@ -167,7 +170,8 @@ def bwd_fits32(m, a, q, r, istd, count):
 @helper(exact=True)
 def narrow_centre(m, q, r):
     """``(m32, r)`` for float32 lanes: the centre rounded to float32 (``x - m32`` is exact for
-    ``x`` near it), its rounding moved into ``r``: ``q * (x - m) = q * (x - m32) - q * (m - m32)``."""
+    ``x`` near it), its rounding moved into ``r``: ``q * (x - m) = q * (x - m32) - q * (m - m32)``
+    (for the affine pass ``q`` is the scale and ``r`` the shift)."""
     m32 = np.float64(np.float32(m))
     return m32, r - q * (m - m32)
 

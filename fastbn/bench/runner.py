@@ -360,6 +360,22 @@ class RunResult:
     threads: int
     elapsed_s: float
     started: str
+    skipped: list = field(default_factory=list)  # (spec, op, reason): cases not run at all
+
+
+# Training needs two values per channel or more: fastbn refuses fewer with a ValueError, as
+# torch.nn.functional.batch_norm does, so such cases are left out rather than counted as
+# failures (PyTorch's kernel and NumPy would still time a zero variance).
+_NEEDS_TWO_VALUES = ("train", "backward")
+
+
+def _not_applicable(spec, op) -> str | None:
+    """Why ``op`` cannot be benchmarked on ``spec``, or None."""
+    values = math.prod(spec.shape) // max(1, spec.channels)
+    if op in _NEEDS_TWO_VALUES and values < 2:
+        return (f"training needs more than one value per channel ({values} here); fastbn "
+                "raises ValueError, as torch.nn.functional.batch_norm does")
+    return None
 
 
 def _setup_threads(fb, threads: int | None) -> int:
@@ -426,6 +442,7 @@ def run(opts: Options, *, log=None) -> RunResult:
         contenders.append("onnxruntime")
 
     cases: list[CaseResult] = []
+    skipped: list = []
     bar = _progress(len(opts.shapes) * len(opts.ops), opts.progress)
     try:
         for spec in opts.shapes:
@@ -435,7 +452,13 @@ def run(opts: Options, *, log=None) -> RunResult:
             dst = np.empty_like(x)
             dst.fill(0)  # touch the pages now, not in the first timed copy
             copy_fn = functools.partial(parallel_copy, x, dst)
+            fns = conv = None
             for op in opts.ops:
+                reason = _not_applicable(spec, op)
+                if reason:
+                    skipped.append((spec, op, reason))
+                    bar.update(1)
+                    continue
                 bar.set_description(f"{spec.name} {op}")
                 res = CaseResult(spec, op)
                 fns = {}
@@ -465,7 +488,8 @@ def run(opts: Options, *, log=None) -> RunResult:
 
     machine = machine_info(fastbn_module=fb, torch_module=torch)
     machine["load"] = load.stop()
-    return RunResult(opts, cases, machine, peers, threads, time.perf_counter() - t_start, started)
+    return RunResult(opts, cases, machine, peers, threads, time.perf_counter() - t_start, started,
+                     skipped)
 
 
 def _check(res: CaseResult, first: dict, conv: dict, inp: dict) -> None:
@@ -637,6 +661,8 @@ def format_table(rr: RunResult) -> str:
                      f"{c.spec.name} {c.op}: "
                      f"max relative difference {c.check[name]:.2e} "
                      f"(tolerance {tolerance(c.spec.dtype):.0e}).")
+    for spec, op, reason in rr.skipped:
+        notes.append(f"left out {spec.name} {OP_TITLES[op]}: {reason}.")
     for c in cases:
         for name, err in c.errors.items():
             notes.append(f"ERROR {TITLES.get(name, name)} on {c.spec.name} {c.op}: {err}")
@@ -737,6 +763,8 @@ def to_json(rr: RunResult) -> dict:
             "roofline": "copy_s * bytes_moved_per_B / 2; fraction = roofline_s / fastbn_s",
         },
         "results": results,
+        "left_out": [{"shape": spec.as_dict(), "op": op, "reason": reason}
+                     for spec, op, reason in rr.skipped],
         "geomean": summarize(rr.cases),
     }
 

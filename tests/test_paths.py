@@ -1,0 +1,116 @@
+"""Both decompositions of mid-size channels-first tensors against the float64 reference.
+
+Channels-first tensors of up to an eighth of the last-level cache, with at least 16 channels,
+run every operation as one kernel call, channel by channel (``functional._cf_one_call``);
+larger ones take the tiled passes (partial sums, an ordered merge, an elementwise pass).  The
+inputs here are small enough for the first, so each test also runs them with the cache size
+lowered until they take the second.  Spies on the kernels assert which path ran, so that a
+test cannot pass by exercising one path twice.
+"""
+
+import numpy as np
+import pytest
+import reference as ref
+from inputs import like, params
+from util import assert_close, input_precision_slack
+
+import fastbn
+from fastbn import _config
+from fastbn import functional as F
+
+# (shape, axis): short runs (the *_short reductions when tiled), runs of 128 values or more,
+# an NCL tensor, every other sample of a batch (rows further apart than a sample), and a
+# channel axis that is not the second
+SHAPES = [((16, 48, 7, 7), 1), ((4, 24, 40, 40), 1), ((6, 32, 300), 1), ((6, 64, 20, 20), "odd"),
+          ((20, 20, 64, 3), 2)]
+DTYPES = [np.float32, np.float64]
+ONE_CALL = ("train_small", "infer_small", "stats_small", "backward_small")
+TILED = ("moments", "moments_short", "affine", "bwd_sums", "bwd_sums_short", "bwd_apply")
+
+
+@pytest.fixture(params=["one_call", "tiled"])
+def path(request, monkeypatch):
+    """Route to one decomposition and record the channels-first kernels that ran."""
+    # a 32 MB cache takes every input here (at most 1.3 MB) to the one-call kernels
+    monkeypatch.setattr(_config, "LLC_BYTES", 1024 if request.param == "tiled" else 32 << 20)
+    seen = []
+    for name in ONE_CALL + TILED:
+        kernel = getattr(F._cf, name)
+
+        def spy(size, *args, _kernel=kernel, _name=name):
+            seen.append(_name)
+            return _kernel(size, *args)
+
+        monkeypatch.setattr(F._cf, name, spy)
+    return request.param, seen
+
+
+def _check_route(path, expected_one_call):
+    kind, seen = path
+    assert seen, "no channels-first kernel ran"
+    if kind == "one_call":
+        assert seen == [expected_one_call], seen
+    else:
+        assert not set(seen) & set(ONE_CALL), seen
+
+
+def _input(shape, axis, dtype):
+    """``(x, axis)``; axis "odd": every other sample of a batch of ``shape``, channels on 1."""
+    rng = np.random.default_rng(abs(hash((shape, str(axis), np.dtype(dtype).name))) % 2**32)
+    x = (rng.standard_normal(shape) * 2.0 + 0.5).astype(dtype)
+    return (x[::2], 1) if axis == "odd" else (x, axis)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, axis", SHAPES)
+def test_train(path, shape, axis, dtype):
+    x, axis = _input(shape, axis, dtype)
+    w, b, _, _ = params(x.shape[axis], dtype, "paths")
+    y, mean, invstd = fastbn.batch_norm_train(x, w, b, axis=axis)
+    _check_route(path, "train_small")
+    ry, rmean, rinvstd = ref.batch_norm_train(x, w, b, axis=axis)
+    slack = input_precision_slack(x, rinvstd, w)
+    assert_close(y, ry, dtype, slack=slack, name="y")
+    assert_close(mean, rmean, dtype, name="mean")
+    assert_close(invstd, rinvstd, dtype, name="invstd")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, axis", SHAPES)
+def test_stats(path, shape, axis, dtype):
+    x, axis = _input(shape, axis, dtype)
+    mean, var = fastbn.channel_stats(x, axis=axis)
+    _check_route(path, "stats_small")
+    rmean, rvar = ref.channel_stats(x, axis=axis)
+    assert_close(mean, rmean, dtype, name="mean")
+    assert_close(var, rvar, dtype, name="var")
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, axis", SHAPES)
+def test_infer(path, shape, axis, dtype, activation):
+    x, axis = _input(shape, axis, dtype)
+    w, b, rm, rv = params(x.shape[axis], dtype, "paths")
+    y = fastbn.batch_norm_infer(x, rm, rv, w, b, axis=axis, activation=activation)
+    _check_route(path, "infer_small")
+    ry = ref.batch_norm_infer(x, rm, rv, w, b, axis=axis, activation=activation)
+    assert_close(y, ry, dtype, name="y")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, axis", SHAPES)
+def test_backward(path, shape, axis, dtype, training):
+    x, axis = _input(shape, axis, dtype)
+    dy = like(x, "paths")
+    w, _, _, _ = params(x.shape[axis], dtype, "paths")
+    rmean, rvar = ref.channel_stats(x, axis=axis)
+    mean = rmean.astype(dtype)
+    invstd = (1.0 / np.sqrt(rvar + 1e-5)).astype(dtype)
+    dx, dw, db = fastbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, training=training)
+    _check_route(path, "backward_small")
+    rdx, rdw, rdb = ref.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, training=training)
+    assert_close(dx, rdx, dtype, name="dx")
+    assert_close(dw, rdw, dtype, name="dweight")
+    assert_close(db, rdb, dtype, name="dbias")
