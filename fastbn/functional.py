@@ -37,16 +37,32 @@ _NEG_INF = -math.inf
 
 def _array(a, name):
     """``a`` as a float32/float64 ndarray in native byte order (Numba needs native order)."""
-    if not isinstance(a, np.ndarray):
+    if type(a) is not np.ndarray:
         if a is None:
             raise TypeError(f"{name} must be an array, got None")
-        a = np.asarray(a)
+        a = _plain(a, name)
     dt = a.dtype
     if dt not in _FLOATS:
         if dt.kind == "f" and dt.newbyteorder("=") in _FLOATS:
             return _native(a)
         raise TypeError(f"{name} must be float32 or float64, got dtype {dt}")
     return a
+
+
+def _plain(a, name):
+    """``a`` as a plain ndarray (a view for subclasses: the kernels compile for ndarray only).
+    Masked arrays are refused: computing on their hidden values would be silently wrong."""
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a masked array, whose mask batch norm cannot honour; pass "
+                        f"{name}.filled(value) or np.asarray({name}) (the hidden values too)")
+    return np.asarray(a)
+
+
+def _flag(value, name):
+    """``value`` as a bool; only bools are taken (a string such as "no" would be true)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
 def _integer(value, name):
@@ -76,14 +92,16 @@ def _x_and_axis(x, axis, name="x"):
     return x, ax % nd
 
 
-def _channel_vector(v, name, C, writeable=False):
-    """A per-channel parameter: 1-D float of length C (float32 or float64, whatever x is)."""
-    if not isinstance(v, np.ndarray):
-        v = np.asarray(v)
+def _channel_vector(v, name, C, writeable=False, of="x"):
+    """A per-channel parameter: 1-D float of length C (float32 or float64, whatever x is);
+    ``of`` names what C comes from."""
+    if type(v) is not np.ndarray:
+        v = _plain(v, name)
     if v.dtype.kind != "f" or v.dtype.newbyteorder("=") not in _FLOATS:
         raise TypeError(f"{name} must be float32 or float64, got dtype {v.dtype}")
     if v.ndim != 1 or v.shape[0] != C:
-        raise ValueError(f"{name} must have shape ({C},) to match the {C} channels of x, got {v.shape}")
+        raise ValueError(f"{name} must have shape ({C},) to match the {C} channels of {of}, "
+                         f"got {v.shape}")
     if writeable and not v.flags.writeable:
         raise ValueError(f"{name} is read-only but must be updated in place")
     return v
@@ -107,30 +125,49 @@ def _filled(v, C, default):
     return np.full(C, default) if v is None else v.astype(np.float64)
 
 
-def _positive(value, name):
+def _real(value, name, what):
+    """``value`` as a float; strings and bools are refused (``float("1e-5")`` would pass)."""
+    if isinstance(value, (str, bytes, bool, np.bool_)):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
     try:
-        f = float(value)
+        return float(value)
     except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}") from None
+
+
+def _positive(value, name):
+    f = _real(value, name, "a real number")
     if not f > 0 or not math.isfinite(f):  # also rejects NaN
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return f
 
 
 def _momentum(value):
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"momentum must be a real number in [0, 1], got {type(value).__name__}") from None
+    f = _real(value, "momentum", "a real number in [0, 1]")
     if not 0.0 <= f <= 1.0:  # also rejects NaN
         raise ValueError(f"momentum must be in [0, 1], got {value!r}")
     return f
 
 
+def _overlaps_itself(a):
+    """Whether two elements of ``a`` may share memory: a zero stride, or strides that do not
+    nest (sorted, each must step past everything the smaller ones span).  Conservative: a few
+    interleaved layouts without shared elements are refused too."""
+    if a.size <= 1:
+        return False
+    span = a.itemsize
+    for stride, n in sorted((abs(st), n) for st, n in zip(a.strides, a.shape) if n > 1):
+        if stride < span:
+            return True
+        span = stride * (n - 1) + span
+    return False
+
+
 def _check_out(out, x, name="out", inputs=()):
-    """``out`` must match ``x`` in shape and dtype, be writeable, and not partially overlap an
-    input (writing the exact same memory, e.g. ``out=x``, is allowed: every kernel reads an
-    element before writing the same element)."""
+    """``out`` must match ``x`` in shape and dtype, be writeable, have one place in memory for
+    each element, and not partially overlap an input, per-channel parameters included (writing
+    the exact same memory, e.g. ``out=x``, is allowed: every kernel reads an element before
+    writing the same element)."""
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
     if out.shape != x.shape:
@@ -139,6 +176,9 @@ def _check_out(out, x, name="out", inputs=()):
         raise TypeError(f"{name} must have dtype {x.dtype} like x, got {out.dtype}")
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
+    if not (out.flags.c_contiguous or out.flags.f_contiguous) and _overlaps_itself(out):
+        raise ValueError(f"{name} has elements that share memory (a zero or overlapping "
+                         f"stride); pass an array with one place for each element")
     for arr, arr_name in inputs:
         if arr is None or not np.may_share_memory(out, arr):
             continue
@@ -576,16 +616,18 @@ def channel_stats(x, *, axis=1, ddof=0, method="auto"):
         raise ValueError(f"ddof must be in [0, {L}) for {L} values per channel, got {ddof}")
     p = _layout.plan(x, axis)
     mean, var = _moments(p, p.as_input(x), method, ddof)
-    return mean.astype(x.dtype), var.astype(x.dtype)
+    with np.errstate(over="ignore"):  # a float32 variance beyond the range is +inf, rightly
+        return mean.astype(x.dtype), var.astype(x.dtype)
 
 
-def _train(x, axis, weight, bias, eps, out):
-    """Forward training; returns (y, mean64, var64) with var biased."""
+def _train(x, axis, weight, bias, eps, out, guard=()):
+    """Forward training; returns (y, mean64, var64) with var biased.  ``guard``: more
+    ``(array, name)`` that ``out`` must not overlap."""
     C = x.shape[axis]
     w = _param(weight, "weight", C)
     b = _param(bias, "bias", C)
     p = _layout.plan(x, axis)
-    y, y3, finish, fresh = _output(p, x, out, ((x, "x"),))
+    y, y3, finish, fresh = _output(p, x, out, ((x, "x"), (w, "weight"), (b, "bias")) + guard)
     x3 = p.as_input(x)
     if _fuse(p, x):
         mean = np.empty(C)
@@ -654,10 +696,11 @@ def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, ep
     rv = _param(_required(running_var, "running_var"), "running_var", C)
     w = _param(weight, "weight", C)
     b = _param(bias, "bias", C)
+    inputs = ((x, "x"), (rm, "running_mean"), (rv, "running_var"), (w, "weight"), (b, "bias"))
     if x.size == 0:
-        return _new_output(x) if out is None else _check_out(out, x, inputs=((x, "x"),))
+        return _new_output(x) if out is None else _check_out(out, x, inputs=inputs)
     p = _layout.plan(x, axis)
-    y, y3, finish, fresh = _output(p, x, out, ((x, "x"),))
+    y, y3, finish, fresh = _output(p, x, out, inputs)
     x3 = p.as_input(x)
     lo = 0.0 if activation == "relu" else _NEG_INF
     if _fuse_infer(p, x3):
@@ -706,12 +749,14 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
     mean = _param(_required(mean, "mean"), "mean", C)
     invstd = _param(_required(invstd, "invstd"), "invstd", C)
     w = _param(weight, "weight", C)
+    training = _flag(training, "training")
+    inputs = ((x, "x"), (dy, "dy"), (mean, "mean"), (invstd, "invstd"), (w, "weight"))
     if x.size == 0:
-        dx = _new_output(x) if out is None else _check_out(out, x, inputs=((x, "x"), (dy, "dy")))
+        dx = _new_output(x) if out is None else _check_out(out, x, inputs=inputs)
         z = np.zeros(C, dtype=x.dtype)
         return dx, z, z.copy()
     p = _layout.plan(x, axis)
-    dx, dx3, finish, fresh = _output(p, x, out, ((x, "x"), (dy, "dy")))
+    dx, dx3, finish, fresh = _output(p, x, out, inputs)
     x3 = p.as_input(x)
     dy3 = p.as_input(dy)
     if _fuse_backward(p, x3):
@@ -768,30 +813,67 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, *, training
     statistics, which are then required, normalise ``x`` (:func:`batch_norm_infer`).
     """
     x, axis = _x_and_axis(x, axis)
+    training = _flag(training, "training")
     eps = _positive(eps, "eps")
     momentum = _momentum(momentum)
     C = x.shape[axis]
-    if running_mean is not None:
-        running_mean = _channel_vector(running_mean, "running_mean", C, writeable=training)
-    if running_var is not None:
-        running_var = _channel_vector(running_var, "running_var", C, writeable=training)
+    running_mean = _running(running_mean, "running_mean", C, training)
+    running_var = _running(running_var, "running_var", C, training)
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError("running_mean and running_var are required when training=False")
         return batch_norm_infer(x, running_mean, running_var, weight, bias, eps=eps, axis=axis,
                                 out=out)
     L = _require_training_size(x, axis)
-    y, mean, var = _train(x, axis, weight, bias, eps, out)
-    update_running_stats(running_mean, running_var, mean, var, L, momentum)
+    y, mean, var = _train(x, axis, weight, bias, eps, out,
+                          ((running_mean, "running_mean"), (running_var, "running_var")))
+    _update_running(running_mean, running_var, mean, var, L, momentum)
     return y
+
+
+def _running(v, name, C, training, of="x"):
+    """A running statistic (or None); in training mode it is updated in place, so it must be
+    a writeable ndarray: a list would be converted and the update lost."""
+    if v is None:
+        return None
+    if training and type(v) is not np.ndarray:
+        if not isinstance(v, np.ndarray) or isinstance(v, np.ma.MaskedArray):
+            raise TypeError(f"{name} must be a numpy.ndarray when training (it is updated in "
+                            f"place), got {type(v).__name__}")
+    return _channel_vector(v, name, C, writeable=training, of=of)
 
 
 def update_running_stats(running_mean, running_var, mean, var, count, momentum):
     """PyTorch's running-statistics update, in place (either running array may be None).
 
-    ``var`` is the biased batch variance over ``count`` values per channel; the running variance
-    takes the unbiased one, ``var * count / (count - 1)``.
+    ``var`` is the biased batch variance over ``count`` values per channel (an integer, at
+    least 2); the running variance takes the unbiased one, ``var * count / (count - 1)``.
+
+    Raises
+    ------
+    TypeError
+        A running array that is not a float ndarray (it is updated in place), non-float
+        ``mean``/``var``, a non-integer ``count``, a non-real ``momentum``.
+    ValueError
+        Arrays of different lengths or not 1-D, a read-only running array, ``count`` < 2,
+        ``momentum`` outside [0, 1].
     """
+    momentum = _momentum(momentum)
+    count = _integer(count, "count")
+    if count < 2:
+        raise ValueError(f"count must be at least 2 (values per channel behind the batch "
+                         f"variance), got {count}")
+    mean = _array(mean, "mean")
+    if mean.ndim != 1:
+        raise ValueError(f"mean must be 1-D (one value per channel), got shape {mean.shape}")
+    C = mean.shape[0]
+    var = _channel_vector(var, "var", C, of="mean")
+    running_mean = _running(running_mean, "running_mean", C, True, of="mean")
+    running_var = _running(running_var, "running_var", C, True, of="mean")
+    _update_running(running_mean, running_var, mean, var, count, momentum)
+
+
+def _update_running(running_mean, running_var, mean, var, count, momentum):
     if running_mean is not None:
         running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
     if running_var is not None:

@@ -1,6 +1,7 @@
 """Stateful batch-norm layers with PyTorch's semantics and state_dict keys."""
 
 import json
+from collections import namedtuple
 
 import numpy as np
 
@@ -8,6 +9,9 @@ from . import functional as F
 
 _STATE_KEYS_AFFINE = ("weight", "bias")
 _STATE_KEYS_RUNNING = ("running_mean", "running_var", "num_batches_tracked")
+
+#: What ``load_state_dict`` returns, as torch.nn.Module.load_state_dict does.
+IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 
 
 class BatchNorm:
@@ -32,15 +36,16 @@ class BatchNorm:
         num_features = F._integer(num_features, "num_features")
         if num_features <= 0:
             raise ValueError(f"num_features must be positive, got {num_features}")
-        dtype = np.dtype(dtype)
+        # None is PyTorch's default dtype, float32 (np.dtype(None) would be float64)
+        dtype = np.dtype(np.float32 if dtype is None else dtype)
         if dtype not in F._FLOATS:
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
         axis = F._integer(axis, "axis")
         self.num_features = num_features
         self.eps = F._positive(eps, "eps")
         self.momentum = None if momentum is None else F._momentum(momentum)
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
+        self.affine = F._flag(affine, "affine")
+        self.track_running_stats = F._flag(track_running_stats, "track_running_stats")
         self.axis = axis
         self.dtype = dtype
         self.training = True
@@ -60,6 +65,8 @@ class BatchNorm:
 
     # ------------------------------------------------------------------ modes
     def train(self, mode=True):
+        if not isinstance(mode, (bool, np.bool_)):  # as torch.nn.Module.train
+            raise ValueError(f"training mode is expected to be boolean, got {mode!r}")
         self.training = bool(mode)
         return self
 
@@ -108,7 +115,7 @@ class BatchNorm:
                     factor = 1.0 / float(self.num_batches_tracked)
                 else:
                     factor = self.momentum
-                F.update_running_stats(self.running_mean, self.running_var, mean, var, L, factor)
+                F._update_running(self.running_mean, self.running_var, mean, var, L, factor)
             self._saved = (x, axis, mean, invstd, True)
         else:
             y = F.batch_norm_infer(x, self.running_mean, self.running_var, self.weight, self.bias,
@@ -148,7 +155,8 @@ class BatchNorm:
     def load_state_dict(self, state_dict, strict=True):
         """Load state under PyTorch's keys, e.g. ``{k: v.numpy() for k, v in
         torch_module.state_dict().items()}``.  Every key and shape is checked before anything is
-        written, so a failing call leaves the layer unchanged."""
+        written, so a failing call leaves the layer unchanged.  Returns the missing and
+        unexpected keys (``IncompatibleKeys``; both empty unless ``strict=False``)."""
         if not hasattr(state_dict, "keys"):
             raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
         keys = self._state_keys()
@@ -169,7 +177,10 @@ class BatchNorm:
                 if v.shape not in ((), (1,)) or v.dtype.kind not in "iu":
                     raise ValueError(f"num_batches_tracked must be an integer scalar, got dtype "
                                      f"{v.dtype} shape {v.shape}")
-                staged[k] = np.array(int(v.reshape(())), dtype=np.int64)
+                n = int(v.reshape(()))
+                if not 0 <= n < 2**63:
+                    raise ValueError(f"num_batches_tracked must be in [0, 2**63), got {n}")
+                staged[k] = np.array(n, dtype=np.int64)
                 continue
             if v.dtype.kind != "f":
                 raise TypeError(f"{k} must be a float array, got dtype {v.dtype}")
@@ -179,6 +190,7 @@ class BatchNorm:
             staged[k] = v.astype(self.dtype)
         for k, v in staged.items():
             getattr(self, k)[...] = v
+        return IncompatibleKeys(missing, unexpected)
 
     def _config(self):
         return {
@@ -225,20 +237,44 @@ class BatchNorm3d(BatchNorm):
 _CLASSES = {c.__name__: c for c in (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d)}
 
 
+_CONFIG_KEYS = {"class", "num_features", "eps", "momentum", "affine", "track_running_stats",
+                "axis", "dtype"}
+
+
 def load(path):
-    """Restore a layer saved with ``BatchNorm.save``; pickled content is refused."""
+    """Restore a layer saved with ``BatchNorm.save``; pickled content is refused, and a file
+    that is not such a layer raises ValueError saying why."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
+        data = np.load(path, allow_pickle=False)
     except ValueError as exc:  # NumPy's refusal of object arrays
+        raise ValueError(f"{path}: refusing to load pickled objects ({exc})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: not a fastbn layer file (a single array, not an .npz archive)")
+    try:
+        with data:
+            arrays = {k: data[k] for k in data.files}
+    except ValueError as exc:  # an object array inside the archive
         raise ValueError(f"{path}: refusing to load pickled objects ({exc})") from None
     if "__config__" not in arrays:
         raise ValueError(f"{path}: not a fastbn layer file (no __config__ entry)")
-    cfg = json.loads(str(arrays.pop("__config__")))
-    cls = _CLASSES.get(cfg.pop("class"))
+    try:
+        cfg = json.loads(str(arrays.pop("__config__")))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not a fastbn layer file (bad __config__: {exc})") from None
+    if not isinstance(cfg, dict) or not {"class", "num_features"} <= cfg.keys():
+        raise ValueError(f"{path}: not a fastbn layer file (__config__ lacks class and "
+                         f"num_features)")
+    extra = sorted(set(cfg) - _CONFIG_KEYS)
+    if extra:
+        raise ValueError(f"{path}: not a fastbn layer file (unknown __config__ keys {extra})")
+    name = cfg.pop("class")
+    cls = _CLASSES.get(name) if isinstance(name, str) else None
     if cls is None:
-        raise ValueError(f"{path}: unknown layer class")
+        raise ValueError(f"{path}: unknown layer class {name!r}")
     num_features = cfg.pop("num_features")
-    layer = cls(num_features, **cfg)
+    try:
+        layer = cls(num_features, **cfg)
+    except TypeError as exc:
+        raise ValueError(f"{path}: bad layer configuration ({exc})") from None
     layer.load_state_dict(arrays)
     return layer

@@ -287,6 +287,103 @@ class _Evil:
 case("load-pickled-npz", EITHER, r"(?i)pickle|object")(lambda: (fastbn.load, (_evil_file(),), {}))
 
 
+# ---- found by an audit of odd inputs -----------------------------------------------------------
+def _out_like_weight():
+    """(dy, x, mean, invstd, weight, out) with ``weight`` a view into ``out``'s memory."""
+    x, dy = x4((4, C, 5)), x4((4, C, 5)) * 0.5
+    out = np.zeros_like(x)
+    weight = out.reshape(-1)[:C]
+    weight[:] = vec()
+    return dy, x, *stats(), weight, out
+
+
+case("batch_norm-running-stats-list-training", TE, "running_mean")(
+    lambda: _bn(x4(), [0.0] * C, [1.0] * C, training=True))
+case("backward-out-overlaps-weight", VE, "weight")(
+    lambda: (lambda a: _bwd(*a[:5], out=a[5]))(_out_like_weight()))
+case("backward-out-overlaps-mean", VE, "mean")(
+    lambda: (lambda x, o: _bwd(x, x, o.reshape(-1)[:C], stats()[1], out=o))(x4(), np.zeros_like(x4())))
+case("batch_norm-out-overlaps-running_var", VE, "running_var")(
+    lambda: (lambda o: _bn(x4(), stats()[0], o.reshape(-1)[:C], training=True, out=o))(
+        np.ones_like(x4())))
+case("train-out-zero-stride", VE, "out")(
+    lambda: _train(x4((4, C)), out=np.lib.stride_tricks.as_strided(
+        np.zeros(C, np.float32), (4, C), (0, 4))))
+case("train-out-overlapping-strides", VE, "out")(
+    lambda: (lambda b: _train(np.ones((4, C), np.float32), out=np.lib.stride_tricks.as_strided(
+        b, (4, C), (8, 4))))(np.zeros(12, np.float32)))
+case("backward-training-none", TE, "training")(lambda: _bwd(x4(), x4(), *stats(), training=None))
+case("backward-training-str", TE, "training")(lambda: _bwd(x4(), x4(), *stats(), training="no"))
+case("backward-training-array", TE, "training")(
+    lambda: _bwd(x4(), x4(), *stats(), training=np.array([1, 0])))
+case("batch_norm-training-str", TE, "training")(lambda: _bn(x4(), *stats(), training="no"))
+case("stats-masked", TE, X_NAME)(lambda: _cs(np.ma.array(np.ones((3, 2)), mask=[[0, 0], [0, 0], [1, 0]])))
+case("infer-running_mean-masked", TE, "running_mean")(
+    lambda: _infer(x4(), np.ma.array(stats()[0]), stats()[1]))
+case("train-eps-str", TE, "eps")(lambda: _train(x4(), eps="1e-5"))
+case("train-eps-bool", TE, "eps")(lambda: _train(x4(), eps=True))
+case("batch_norm-momentum-str", TE, "momentum")(
+    lambda: _bn(x4(), *stats(), training=True, momentum="0.1"))
+
+
+def _update(*, count=8, momentum=0.1, running=None, mean=None, var=None):
+    rm, rv = stats() if running is None else running
+    m, v = stats() if mean is None else (mean, var)
+    return fastbn.update_running_stats, (rm, rv, m, v, count, momentum), {}
+
+
+case("update-count-1", VE, "count")(lambda: _update(count=1))
+case("update-count-0", VE, "count")(lambda: _update(count=0))
+case("update-count-float", TE, "count")(lambda: _update(count=2.5))
+case("update-momentum-5", VE, "momentum")(lambda: _update(momentum=5))
+case("update-momentum-none", TE, "momentum")(lambda: _update(momentum=None))
+case("update-running-list", TE, "running_mean")(lambda: _update(running=([0.0] * C, stats()[1])))
+case("update-running-int", TE, "running_var")(
+    lambda: _update(running=(stats()[0], np.ones(C, np.int64))))
+case("update-var-length", VE, "var")(lambda: _update(mean=vec(), var=vec(C + 1, lo=0.5)))
+
+
+def _npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+def _bad_layer_file(config):
+    import tempfile
+    d = tempfile.mkdtemp()
+    return _npz(f"{d}/layer.npz", __config__=np.array(config))
+
+
+for _i, _cfg in enumerate(['{}', '[1]', '{"class": [1], "num_features": 3}', 'not json',
+                           '{"class": "BatchNorm2d", "num_features": 3, "colour": 1}',
+                           '{"class": "BatchNorm2d", "num_features": 3, "eps": "x"}']):
+    case(f"load-bad-config-{_i}", VE, "layer")(
+        lambda c=_cfg: (fastbn.load, (_bad_layer_file(c),), {}))
+
+
+def _npy_file():
+    import tempfile
+    path = f"{tempfile.mkdtemp()}/plain.npy"
+    np.save(path, np.ones(3))
+    return path
+
+
+case("load-npy", VE, "layer file")(lambda: (fastbn.load, (_npy_file(),), {}))
+case("layer-affine-str", TE, "affine")(lambda: (fastbn.BatchNorm2d, (C,), {"affine": "no"}))
+case("layer-train-str", VE, "boolean")(
+    lambda: (lambda layer: (layer.train, ("no",), {}, layer))(fastbn.BatchNorm2d(C)))
+
+
+def _huge_count_state():
+    layer = fastbn.BatchNorm2d(C)
+    sd = layer.state_dict()
+    sd["num_batches_tracked"] = np.uint64(2**63 + 5)
+    return layer.load_state_dict, (sd,), {}, layer
+
+
+case("load_state_dict-count-overflow", VE, "num_batches_tracked")(_huge_count_state)
+
+
 # ---- the test --------------------------------------------------------------------------------
 
 def _layer_state(layer):

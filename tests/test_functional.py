@@ -18,6 +18,7 @@ with ``util.torch_slack`` (only relevant for the +1e8 cases).
 """
 
 import inspect
+import warnings
 
 import inputs
 import numpy as np
@@ -611,3 +612,37 @@ def test_empty_batch_inference(shape, axis):
     assert dx.shape == shape
     np.testing.assert_array_equal(dw, np.zeros(3))
     np.testing.assert_array_equal(db, np.zeros(3))
+
+
+def test_out_with_gaps_or_transposed_is_accepted():
+    """The self-overlap check on ``out`` refuses shared elements, not ordinary strided views."""
+    x = inputs.build("nchw_64x56-float32").x
+    want = ref.batch_norm_train(x)[0]
+    for out in (np.empty(x.shape[:-1] + (2 * x.shape[-1],), x.dtype)[..., ::2],
+                np.empty(x.shape, x.dtype, order="F"),
+                np.empty(x.shape[::-1], x.dtype).transpose(),
+                np.empty(x.shape, x.dtype)[::-1, :, ::-1]):
+        y = fastbn.batch_norm_train(x, out=out)[0]
+        assert y is out
+        assert_close(y, want, x.dtype, name="y")
+
+
+def test_float32_variance_beyond_range_is_inf_without_warning():
+    x = np.array([[3e38], [-3e38]], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mean, var = fastbn.channel_stats(x)
+    assert mean[0] == 0.0 and var[0] == np.inf
+
+
+def test_subclass_inputs_are_plain_arrays():
+    class Sub(np.ndarray):
+        pass
+
+    x = inputs.build("nchw_64x56-float32").x
+    mean, var = fastbn.channel_stats(x.view(Sub))
+    rmean, rvar = ref.channel_stats(x)
+    assert_close(mean, rmean, x.dtype)
+    assert_close(var, rvar, x.dtype)
+    with pytest.raises(TypeError, match="masked"):
+        fastbn.channel_stats(np.ma.array(x))

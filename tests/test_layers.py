@@ -393,3 +393,23 @@ def test_load_refuses_pickle(tmp_path, loader):
     with pytest.raises(ValueError, match="(?i)pickle|object"):
         load(path)
     assert not getattr(builtins, "_fastbn_test_pwned", False), "the loader unpickled the payload"
+
+
+def test_load_state_dict_reports_keys_like_torch():
+    torch = pytest.importorskip("torch")
+    layer, tlayer = fastbn.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    sd = layer.state_dict()
+    del sd["bias"]
+    sd["extra"] = np.ones(1)
+    got = layer.load_state_dict(sd, strict=False)
+    want = tlayer.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()},
+                                  strict=False)
+    assert (got.missing_keys, got.unexpected_keys) == (want.missing_keys, want.unexpected_keys)
+    assert layer.load_state_dict(layer.state_dict()) == ([], [])
+
+
+def test_dtype_none_is_float32_as_torch():
+    layer = fastbn.BatchNorm2d(3, dtype=None)
+    assert layer.dtype == np.float32 and layer.weight.dtype == np.float32
+    x = inputs.params(3, np.float32, "dtype-none")[0].reshape(1, 3, 1, 1) * np.ones((2, 3, 2, 2), np.float32)
+    assert layer(x).dtype == np.float32
