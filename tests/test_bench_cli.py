@@ -140,12 +140,49 @@ def test_one_value_per_channel_leaves_training_out(tmp_path):
                    "--budget", "0", "--no-progress", "--no-onnx", "--json", str(js))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ERROR" not in proc.stdout
-    assert "left out 1x64 forward-train: training needs more than one value" in proc.stdout
-    assert "left out 1x64 backward" in proc.stdout
+    assert "left out 1x64 (1,64) ax1 f32 forward-train: training needs more than one value" in proc.stdout
+    assert "left out 1x64 (1,64) ax1 f32 backward" in proc.stdout
     doc = json.loads(js.read_text(encoding="utf-8"))
     assert sorted(r["op"] for r in doc["results"]) == ["infer", "stats"]
     assert sorted(r["op"] for r in doc["left_out"]) == ["backward", "train"]
     assert all(r["fastbn_s"] > 0 for r in doc["results"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--shapes", "2,3,4,5,6,7:1"], "need 2 to 5 positive dimensions"),
+    (["--seed", "-1"], "--seed must be a non-negative integer"),
+    (["--budget", "inf"], "--budget must be between 0 and"),
+    (["--shapes", "1000000,1000000:1"], "GiB"),
+    (["--json", os.path.dirname(os.path.abspath(__file__))], "is a directory"),
+    (["--plot", "chart.xyz"], "cannot write .xyz"),
+], ids=["rank-6", "seed", "budget", "too-big", "json-dir", "plot-ext"])
+def test_usage_errors_before_running(args, message):
+    if args[0] == "--plot" and not HAS_MPL:
+        pytest.skip("needs matplotlib")
+    proc = run_cli(*args, "--no-progress")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr and "shape(s) x" not in proc.stdout  # nothing ran
+
+
+def test_two_values_per_channel_backward_is_not_flagged(tmp_path):
+    # with 2 values per channel dx is 0 but for eps: the check measures errors against the
+    # scale of dx's terms, not against max|dx|
+    js = tmp_path / "two.json"
+    proc = run_cli("--shapes", "2,1:1,2,3:1,2,1,1,1:1", "--ops", "backward", "--repeat", "3",
+                   "--budget", "0", "--no-progress", "--no-onnx", "--json", str(js))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(js.read_text(encoding="utf-8"))
+    assert all(r["check_ok"] for r in doc["results"])
+
+
+@pytest.mark.skipif(not HAS_MPL, reason="needs matplotlib")
+def test_plot_without_extension_says_where_it_wrote(tmp_path):
+    proc = run_cli("--shapes", "2,16:1", "--ops", "infer", "--repeat", "3", "--budget", "0",
+                   "--no-progress", "--no-onnx", "--no-torch", "--plot", str(tmp_path / "chart"))
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {tmp_path / 'chart.png'}" in proc.stdout
+    assert (tmp_path / "chart.png").is_file()
 
 
 def test_nonsense_shape_fails_clearly():

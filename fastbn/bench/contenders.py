@@ -373,8 +373,9 @@ def prepare(contender: str, op: str, spec: ShapeSpec, inp: dict, *, eps: float =
 # Result check
 
 
-def compare(got: tuple, ref: tuple) -> float:
-    """Largest difference between two result tuples, relative to each reference array's max |value|.
+def compare(got: tuple, ref: tuple, floors: tuple | None = None) -> float:
+    """Largest difference between two result tuples, relative to each reference array's max |value|
+    (or to ``floors[i]`` where that is larger: the scale of the terms an array sums).
 
     Used to make sure every contender computes what :func:`reference` does (a benchmark of the
     wrong function is how asv suites rot). Returns ``inf`` on a shape mismatch, or on NaN where
@@ -383,7 +384,8 @@ def compare(got: tuple, ref: tuple) -> float:
     worst = 0.0
     if len(got) != len(ref):
         return math.inf
-    for a, r in zip(got, ref, strict=True):
+    floors = floors or (0.0,) * len(ref)
+    for a, r, floor in zip(got, ref, floors, strict=True):
         a = np.asarray(a, dtype=np.float64)
         r = np.asarray(r, dtype=np.float64)
         if a.size != r.size:
@@ -391,7 +393,7 @@ def compare(got: tuple, ref: tuple) -> float:
         a = a.reshape(r.shape)
         if np.isnan(a).any() and not np.isnan(r).any():
             return math.inf
-        scale = float(np.max(np.abs(r))) if r.size else 0.0
+        scale = max(float(np.max(np.abs(r))) if r.size else 0.0, floor)
         diff = float(np.max(np.abs(a - r))) if r.size else 0.0
         worst = max(worst, diff / max(scale, np.finfo(np.float64).tiny))
     return worst

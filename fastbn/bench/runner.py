@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import suite as _suite
-from .contenders import (TITLES, Unavailable, compare, make_inputs, prepare, reference, tolerance,
+from .contenders import (EPS, TITLES, Unavailable, compare, make_inputs, prepare, reference, tolerance,
                          torch_layout)
 from .suite import OP_BYTES, OP_TITLES, ShapeSpec
 
@@ -159,25 +159,41 @@ def parse_options(argv: list[str]) -> Options:
         budget = QUICK_BUDGET if args.quick else DEFAULT_BUDGET
     if repeat < 1:
         raise BenchError(f"--repeat must be at least 1, got {repeat}")
-    if not budget >= 0:
-        raise BenchError(f"--budget must be >= 0 seconds, got {budget}")
-    if args.threads is not None and args.threads < 1:
-        raise BenchError(f"--threads must be at least 1, got {args.threads}")
-    if args.plot:
+    if not 0 <= budget <= MAX_BUDGET:  # also refuses NaN and inf
+        raise BenchError(f"--budget must be between 0 and {MAX_BUDGET:g} seconds, got {budget}")
+    if args.seed < 0:
+        raise BenchError(f"--seed must be a non-negative integer, got {args.seed}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise BenchError(f"--threads must be at least 1, got {args.threads}")
+        import numba
+
+        top = numba.config.NUMBA_NUM_THREADS
+        if args.threads > top:
+            raise BenchError(
+                f"--threads {args.threads}: Numba was started with at most {top} threads "
+                f"(NUMBA_NUM_THREADS); set NUMBA_NUM_THREADS={args.threads} to allow more")
+    plot = args.plot
+    if plot:
         try:
-            import matplotlib  # noqa: F401
+            from matplotlib.backend_bases import FigureCanvasBase
         except ImportError:
             raise BenchError(
                 "--plot needs matplotlib, which is not installed: pip install matplotlib "
                 "(or pip install 'fastbn[bench]')") from None
-    for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
+        ext = os.path.splitext(plot)[1].lower().lstrip(".")
+        if not ext:
+            plot += ".png"  # what matplotlib would write; say so in "wrote ..."
+        elif ext not in FigureCanvasBase.get_supported_filetypes():
+            raise BenchError(f"--plot {plot}: matplotlib cannot write .{ext} files; use .png, "
+                             ".svg or .pdf")
+    for path, flag in ((args.json, "--json"), (plot, "--plot")):
         if path:
-            parent = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(parent):
-                raise BenchError(f"{flag} {path}: directory {parent} does not exist")
+            _check_writable(path, flag)
+    _check_memory(shapes, ops)
     return Options(
         shapes=shapes, ops=ops, threads=args.threads, repeat=repeat, budget=budget,
-        quick=args.quick, json_path=args.json, plot_path=args.plot,
+        quick=args.quick, json_path=args.json, plot_path=plot,
         preallocate=args.preallocate, torch=not args.no_torch, onnx=not args.no_onnx,
         progress=not args.no_progress, seed=args.seed, argv=list(argv),
     )
@@ -185,6 +201,40 @@ def parse_options(argv: list[str]) -> Options:
 
 class _ListSuite(Exception):
     pass
+
+
+MAX_BUDGET = 3600.0  # seconds per contender per case: beyond is surely a typo
+
+
+def _check_writable(path: str, flag: str) -> None:
+    """Refuse an output path that cannot be written before the run, not after it."""
+    full = os.path.abspath(path)
+    parent = os.path.dirname(full)
+    if not os.path.isdir(parent):
+        raise BenchError(f"{flag} {path}: directory {parent} does not exist")
+    if os.path.isdir(full):
+        raise BenchError(f"{flag} {path} is a directory; give a file name")
+    if not os.access(parent, os.W_OK) or (os.path.exists(full) and not os.access(full, os.W_OK)):
+        raise BenchError(f"{flag} {path}: not writable")
+
+
+# arrays of the tensor's size alive at once during a case: x, dy, the copy's destination, each
+# contender's output, the float64 reference and its temporaries
+_ARRAYS_PER_CASE = 8
+
+
+def _check_memory(shapes: list, ops: tuple) -> None:
+    """Refuse shapes whose inputs and outputs cannot fit in this machine's memory."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    for spec in shapes:
+        need = spec.nbytes * _ARRAYS_PER_CASE * (2 if spec.dtype == "float32" else 1)
+        if need > total:
+            raise BenchError(f"shape {spec.label()} needs about {need / 2**30:.1f} GiB for its "
+                             f"inputs, outputs and float64 reference; this machine has "
+                             f"{total / 2**30:.1f} GiB")
 
 
 def _print_suite() -> None:
@@ -447,10 +497,14 @@ def run(opts: Options, *, log=None) -> RunResult:
     try:
         for spec in opts.shapes:
             bar.set_description(f"{spec.name} inputs")
-            inp = make_inputs(spec, seed=opts.seed, backward="backward" in opts.ops)
-            x = inp["x"]
-            dst = np.empty_like(x)
-            dst.fill(0)  # touch the pages now, not in the first timed copy
+            try:
+                inp = make_inputs(spec, seed=opts.seed, backward="backward" in opts.ops)
+                x = inp["x"]
+                dst = np.empty_like(x)
+                dst.fill(0)  # touch the pages now, not in the first timed copy
+            except MemoryError as exc:
+                raise BenchError(f"not enough memory for the inputs of {spec.label()} "
+                                 f"({exc})") from None
             copy_fn = functools.partial(parallel_copy, x, dst)
             fns = conv = None
             for op in opts.ops:
@@ -492,16 +546,27 @@ def run(opts: Options, *, log=None) -> RunResult:
                      skipped)
 
 
+def _dx_scale(spec, inp: dict) -> float:
+    """The scale of the backward pass's ``dx`` terms, ``max|dy| * max|weight * invstd|``: with
+    few values per channel (2: ``dx`` is 0 but for ``eps``) the terms cancel and ``max|dx|`` is
+    no measure of the rounding any float32 computation makes."""
+    _, var = reference("stats", spec, inp)
+    a = np.abs(inp["weight"].astype(np.float64)) / np.sqrt(var + EPS)
+    return float(np.max(np.abs(inp["dy"]))) * float(np.max(a))
+
+
 def _check(res: CaseResult, first: dict, conv: dict, inp: dict) -> None:
     """Compare every contender's first result with the float64-accumulating NumPy oracle."""
-    ref = None
+    ref = floors = None
     for name, out in first.items():
         if name == "copy" or name not in conv:
             continue
         try:
             if ref is None:
                 ref = reference(res.op, res.spec, inp)
-            res.check[name] = compare(conv[name](out), ref)
+                if res.op == "backward":
+                    floors = (_dx_scale(res.spec, inp), 0.0, 0.0)
+            res.check[name] = compare(conv[name](out), ref, floors)
         except Exception as exc:
             res.errors[name] = f"result check failed: {type(exc).__name__}: {exc}"
 
@@ -536,7 +601,7 @@ def summarize(cases: list) -> dict:
     """Per-op geometric means of the speedups and roofline fractions."""
     out = {}
     for op in _suite.OPS:
-        cs = [c for c in cases if c.op == op]
+        cs = [c for c in cases if c.op == op and c.median("fastbn") is not None]
         if not cs:
             continue
         out[op] = {
@@ -630,8 +695,9 @@ def format_table(rr: RunResult) -> str:
 
     notes = []
     if not has_torch:
-        notes.append(f"PyTorch column missing: {rr.peers['torch']}. "
-                     "Install it for the comparison: pip install 'fastbn[bench]'.")
+        hint = ("" if not rr.options.torch else
+                " Install it for the comparison: pip install 'fastbn[bench]'.")
+        notes.append(f"PyTorch column missing: {rr.peers['torch']}.{hint}")
     else:
         notes.append("PyTorch: torch.ops.aten.native_batch_norm / native_batch_norm_backward "
                      "(kernels only, no autograd); stats: torch.var_mean(correction=0).")
@@ -640,8 +706,8 @@ def format_table(rr: RunResult) -> str:
             notes.append(lay + ".")
     if "onnxruntime" in rr.peers:
         if has_ort:
-            notes.append("ONNX RT: one-node BatchNormalization model, inference only, NCHW only "
-                         "(blank for channels-last shapes), intra-op spinning off.")
+            notes.append("ONNX RT: one-node BatchNormalization model, inference only, channels "
+                         "on axis 1 only (blank for other axes), intra-op spinning off.")
         else:
             notes.append(f"ONNX RT column missing: {rr.peers['onnxruntime']}.")
     notes.append("times are medians of interleaved calls after an untimed warm-up call; "
@@ -658,14 +724,14 @@ def format_table(rr: RunResult) -> str:
                      "unreliable. Rerun on an idle machine (or compare at --threads 1).")
     for c, name in flagged:
         notes.append(f"! {TITLES[name]} differs from the float64 reference on "
-                     f"{c.spec.name} {c.op}: "
+                     f"{c.spec.label()} {c.op}: "
                      f"max relative difference {c.check[name]:.2e} "
                      f"(tolerance {tolerance(c.spec.dtype):.0e}).")
     for spec, op, reason in rr.skipped:
-        notes.append(f"left out {spec.name} {OP_TITLES[op]}: {reason}.")
+        notes.append(f"left out {spec.label()} {OP_TITLES[op]}: {reason}.")
     for c in cases:
         for name, err in c.errors.items():
-            notes.append(f"ERROR {TITLES.get(name, name)} on {c.spec.name} {c.op}: {err}")
+            notes.append(f"ERROR {TITLES.get(name, name)} on {c.spec.label()} {c.op}: {err}")
     m = rr.machine
     notes.append(
         f"machine: {m.get('cpu')}, {m.get('available_cores')} cores; threads {rr.threads} "
@@ -728,7 +794,7 @@ def to_json(rr: RunResult) -> dict:
             "roofline_fraction": _num(c.roofline_fraction),
             "check_max_rel_diff": {k: _num(v) if v is not None and math.isfinite(v) else "inf"
                                    for k, v in c.check.items()},
-            "check_ok": not any(c.check_failed(n) for n in c.check),
+            "check_ok": "fastbn" not in c.errors and not any(c.check_failed(n) for n in c.check),
             "skipped": c.skipped,
             "errors": c.errors,
             "notes": c.notes,
@@ -771,10 +837,15 @@ def to_json(rr: RunResult) -> dict:
 
 def _write_json(doc: dict, path: str) -> None:
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(doc, fh, indent=1, allow_nan=False, default=str)
-        fh.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(doc, fh, indent=1, allow_nan=False, default=str)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 # --------------------------------------------------------------------------------------------------
@@ -814,15 +885,19 @@ def main(argv: list[str] | None = None) -> int:
 
     print(format_table(rr), flush=True)
     doc = None
-    if opts.json_path:
-        doc = to_json(rr)
-        _write_json(doc, opts.json_path)
-        print(f"wrote {opts.json_path}")
-    if opts.plot_path:
-        from .plot import plot_results
+    try:
+        if opts.json_path:
+            doc = to_json(rr)
+            _write_json(doc, opts.json_path)
+            print(f"wrote {opts.json_path}")
+        if opts.plot_path:
+            from .plot import plot_results
 
-        plot_results(doc or to_json(rr), opts.plot_path)
-        print(f"wrote {opts.plot_path}")
+            plot_results(doc or to_json(rr), opts.plot_path)
+            print(f"wrote {opts.plot_path}")
+    except OSError as exc:
+        print(f"fastbn bench: error: cannot write the results: {exc}", file=sys.stderr)
+        return 2
 
     bad = [c for c in rr.cases if "fastbn" in c.errors or c.check_failed("fastbn")]
     if bad:

@@ -161,9 +161,9 @@ def _adhoc(dims: list[str], axis_text: str | None, dtype_text: str | None,
         shape = tuple(int(d) for d in dims)
     except ValueError:
         raise ValueError(f"bad ad-hoc shape {spec_text!r}: dimensions must be integers") from None
-    if len(shape) < 2 or any(d <= 0 for d in shape):
+    if not 2 <= len(shape) <= 5 or any(d <= 0 for d in shape):
         raise ValueError(
-            f"bad ad-hoc shape {spec_text!r}: need at least 2 positive dimensions, "
+            f"bad ad-hoc shape {spec_text!r}: need 2 to 5 positive dimensions (N, C, ...), "
             "e.g. 8,16,32,32:1"
         )
     axis = 1
