@@ -339,12 +339,17 @@ _FUSED_STATS_BLOCKS = 16
 # calls against the tiled passes, float32, 2 threads: (8, 32, 1024) train 58 -> 50 us,
 # inference 27 -> 22, statistics 30 -> 24, backward 71 -> 53; (2, 64, 3136) train 92 -> 57,
 # backward 93 -> 74; (16, 32, 2048) train 168 -> 140; at 4 MB about even, and beyond it the
-# strided reads of a channel's runs lose ((128, 16, 1024) backward 690 -> 944 us).
+# strided reads of a channel's runs lose ((128, 16, 1024) backward 690 -> 944 us).  Channels
+# of fewer than 128 values lost too, training and statistics most, where the per-channel work
+# outweighs the launches saved ((16, 4096, 4) at 1 thread: train 667 -> 780 us, inference
+# 411 -> 525 us).
 _ONE_CALL_LLC_SHARE = 8
+_ONE_CALL_MIN_VALUES = 128
 
 
 def _cf_one_call(p, x):
     return (not p.channels_last and p.C >= _CHANNEL_MIN
+            and x.size >= _ONE_CALL_MIN_VALUES * p.C
             and x.nbytes <= _config.LLC_BYTES // _ONE_CALL_LLC_SHARE)
 
 
@@ -533,17 +538,31 @@ def _moments(p, x3, method, ddof=0):
         parts, _ = _reduce(p, "sums", (x3,), (mean,))
         d1, d2 = _merged_sums(parts)
         # The sum of deviations from the computed mean corrects that mean's rounding error.
-        return mean + d1 / L, _overflowed((d2 - d1 * d1 / L) / (L - ddof), d1)
+        mean = _infinite_means(p, x3, mean + d1 / L)
+        return mean, _overflowed((d2 - d1 * d1 / L) / (L - ddof), d1)
     if _fuse_stats(p, x3):
         mean = np.empty(p.C)
         m2 = np.empty(p.C)
         _family(p).stats_small(_items_size(p, x3), x3, mean, m2)
-        return mean, m2 / (L - ddof)
+        return _infinite_means(p, x3, mean), m2 / (L - ddof)
     mean = np.empty(p.C)
     var = np.empty(p.C)
     (hi, lo, m2), counts = _reduce(p, "moments", (x3,), (), nout=3)
     _merge.merge_moments(hi.size, counts, hi, lo, m2, mean, var, float(ddof))
-    return mean, var
+    return _infinite_means(p, x3, mean), var
+
+
+def _infinite_means(p, x3, mean):
+    """``mean`` with the mean of each channel that holds infinities of one sign (and no NaN)
+    set to that infinity, as ``sum / L`` gives (and PyTorch): the shifted sums and merges see
+    ``inf - inf`` there and give NaN.  Only channels whose mean is NaN are summed again."""
+    bad = np.isnan(mean)
+    if bad.any():
+        axes = (0,) if p.channels_last else (0, 2)
+        sub = x3[:, bad] if p.channels_last else x3[:, bad, :]
+        with np.errstate(invalid="ignore", over="ignore"):
+            mean[bad] = np.sum(sub, axis=axes, dtype=np.float64) / (x3.size // p.C)
+    return mean
 
 
 def _affine(p, x3, y3, center, var, weight, bias, eps, lo, count=0, fresh=False):
@@ -634,6 +653,7 @@ def _train(x, axis, weight, bias, eps, out, guard=()):
         var = np.empty(C)
         _family(p).train_small(_items_size(p, x3), x3, _filled(w, C, 1.0), _filled(b, C, 0.0), eps,
                                _narrow(x3), y3, mean, var)
+        mean = _infinite_means(p, x3, mean)
     else:
         mean, var = _moments(p, x3, "welford")
         _affine(p, x3, y3, mean, var, w, b, eps, _NEG_INF, x3.size // C,

@@ -306,3 +306,30 @@ def test_property_quick(problem):
 @given(bn_problems())
 def test_property_nightly(problem):
     _check_problem(problem)
+
+
+@pytest.mark.parametrize("method", ["welford", "two_pass"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, axis, where", [
+    ((8, 4), 1, (0, 0)),                 # the first value: the shift of the one-call kernels
+    ((8, 4), 1, (5, 0)),
+    ((2, 3, 20000), 1, (0, 0, 5000)),    # tiled channels-first: infinity inside a merged chunk
+    ((4096, 64), -1, (100, 0)),          # tiled channels-last
+    ((40, 32, 300), 1, (7, 0, 3)),       # channels-first one call, channel by channel
+])
+def test_infinite_values_give_infinite_means(shape, axis, where, dtype, method):
+    """A channel holding infinities of one sign has that infinite mean (sum / L, as PyTorch's
+    saved mean); with both signs, or NaN, the mean is NaN.  Other channels stay finite."""
+    x = inputs.like(np.zeros(shape, dtype), "infinite-means")
+    ch = where[axis]
+    for sign, expect in ((1.0, np.inf), (-1.0, -np.inf)):
+        x[where] = sign * np.inf
+        mean, _ = fastbn.channel_stats(x, axis=axis, method=method)
+        assert mean[ch] == expect
+        assert np.isfinite(np.delete(mean, ch)).all()
+        if method == "welford":
+            assert fastbn.batch_norm_train(x, axis=axis)[1][ch] == expect
+    other = (1 if where[0] == 0 else 0,) + where[1:]  # the same channel, another sample
+    x[other] = np.inf
+    x[where] = -np.inf
+    assert np.isnan(fastbn.channel_stats(x, axis=axis, method=method)[0][ch])

@@ -114,3 +114,24 @@ def test_backward(path, shape, axis, dtype, training):
     assert_close(dx, rdx, dtype, name="dx")
     assert_close(dw, rdw, dtype, name="dweight")
     assert_close(db, rdb, dtype, name="dbias")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_short_channels_stay_tiled(monkeypatch, dtype):
+    """Channels of fewer than 128 values take the tiled passes even when the tensor is small
+    enough for the one-call kernels (those lost there), and still match the reference."""
+    monkeypatch.setattr(_config, "LLC_BYTES", 32 << 20)
+    seen = []
+    for name in ONE_CALL:
+        kernel = getattr(F._cf, name)
+        monkeypatch.setattr(F._cf, name, lambda size, *a, _k=kernel, _n=name: (seen.append(_n),
+                                                                              _k(size, *a))[1])
+    x, axis = _input((40, 1000, 3), 1, dtype)
+    w, b, rm, rv = params(1000, dtype, "paths")
+    y, mean, invstd = fastbn.batch_norm_train(x, w, b)
+    ry, rmean, rinvstd = ref.batch_norm_train(x, w, b)
+    assert_close(y, ry, dtype, slack=input_precision_slack(x, rinvstd, w), name="y")
+    assert_close(mean, rmean, dtype, name="mean")
+    assert_close(fastbn.batch_norm_infer(x, rm, rv, w, b), ref.batch_norm_infer(x, rm, rv, w, b),
+                 dtype, name="infer")
+    assert seen == []
