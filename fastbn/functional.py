@@ -538,17 +538,17 @@ def _moments(p, x3, method, ddof=0):
         parts, _ = _reduce(p, "sums", (x3,), (mean,))
         d1, d2 = _merged_sums(parts)
         # The sum of deviations from the computed mean corrects that mean's rounding error.
-        mean = _infinite_means(p, x3, mean + d1 / L)
-        return mean, _overflowed((d2 - d1 * d1 / L) / (L - ddof), d1)
-    if _fuse_stats(p, x3):
+        mean, var = mean + d1 / L, _overflowed((d2 - d1 * d1 / L) / (L - ddof), d1)
+    elif _fuse_stats(p, x3):
         mean = np.empty(p.C)
         m2 = np.empty(p.C)
         _family(p).stats_small(_items_size(p, x3), x3, mean, m2)
-        return _infinite_means(p, x3, mean), m2 / (L - ddof)
-    mean = np.empty(p.C)
-    var = np.empty(p.C)
-    (hi, lo, m2), counts = _reduce(p, "moments", (x3,), (), nout=3)
-    _merge.merge_moments(hi.size, counts, hi, lo, m2, mean, var, float(ddof))
+        var = m2 / (L - ddof)
+    else:
+        mean = np.empty(p.C)
+        var = np.empty(p.C)
+        (hi, lo, m2), counts = _reduce(p, "moments", (x3,), (), nout=3)
+        _merge.merge_moments(hi.size, counts, hi, lo, m2, mean, var, float(ddof))
     return _infinite_means(p, x3, mean), var
 
 
@@ -856,10 +856,9 @@ def _running(v, name, C, training, of="x"):
     a writeable ndarray: a list would be converted and the update lost."""
     if v is None:
         return None
-    if training and type(v) is not np.ndarray:
-        if not isinstance(v, np.ndarray) or isinstance(v, np.ma.MaskedArray):
-            raise TypeError(f"{name} must be a numpy.ndarray when training (it is updated in "
-                            f"place), got {type(v).__name__}")
+    if training and (not isinstance(v, np.ndarray) or isinstance(v, np.ma.MaskedArray)):
+        raise TypeError(f"{name} must be a numpy.ndarray when training (it is updated in "
+                        f"place), got {type(v).__name__}")
     return _channel_vector(v, name, C, writeable=training, of=of)
 
 

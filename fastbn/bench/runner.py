@@ -190,7 +190,7 @@ def parse_options(argv: list[str]) -> Options:
     for path, flag in ((args.json, "--json"), (plot, "--plot")):
         if path:
             _check_writable(path, flag)
-    _check_memory(shapes, ops)
+    _check_memory(shapes)
     return Options(
         shapes=shapes, ops=ops, threads=args.threads, repeat=repeat, budget=budget,
         quick=args.quick, json_path=args.json, plot_path=plot,
@@ -223,7 +223,7 @@ def _check_writable(path: str, flag: str) -> None:
 _ARRAYS_PER_CASE = 8
 
 
-def _check_memory(shapes: list, ops: tuple) -> None:
+def _check_memory(shapes: list) -> None:
     """Refuse shapes whose inputs and outputs cannot fit in this machine's memory."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -421,7 +421,7 @@ _NEEDS_TWO_VALUES = ("train", "backward")
 
 def _not_applicable(spec, op) -> str | None:
     """Why ``op`` cannot be benchmarked on ``spec``, or None."""
-    values = math.prod(spec.shape) // max(1, spec.channels)
+    values = spec.size // spec.channels
     if op in _NEEDS_TWO_VALUES and values < 2:
         return (f"training needs more than one value per channel ({values} here); fastbn "
                 "raises ValueError, as torch.nn.functional.batch_norm does")
@@ -431,12 +431,7 @@ def _not_applicable(spec, op) -> str | None:
 def _setup_threads(fb, threads: int | None) -> int:
     import numba
 
-    if threads is not None:
-        top = numba.config.NUMBA_NUM_THREADS
-        if threads > top:
-            raise BenchError(
-                f"--threads {threads}: Numba was started with at most {top} threads "
-                f"(NUMBA_NUM_THREADS); set NUMBA_NUM_THREADS={threads} to allow more")
+    if threads is not None:  # at most NUMBA_NUM_THREADS: checked in parse_options
         setter = getattr(fb, "set_num_threads", None)
         if callable(setter):
             setter(threads)
