@@ -233,12 +233,16 @@ def _require_training_size(x, axis):
 # happen in the same order and give bit-identical results with any number of threads.
 
 _NARROW_ROW_BYTES = 512  # channels-last rows read in at most two column sweeps
-_SHORT_RUN = 128  # channels-first runs shorter than this use the *_short reductions
-# The short-run statistics sum each channel of a tile in one call whose fixed cost (summing
-# the vector lanes, the tile's mean and M2) is paid per channel: tiles of at least 2 KB per
-# channel amortise it.  Kernels side by side in one process, float32 at 2 threads:
-# (32, 2048, 7, 7) 255 -> 238 us, (32, 256, 14, 14) 145 -> 125 us, (64, 512, 7, 7) 182 ->
-# 140 us; float64 even to 10% faster.  The backward sums, reading two arrays, did not gain.
+_SHORT_RUN = 128  # channels-first backward sums over shorter runs use bwd_sums_short
+# The short-run statistics (moments_short) sum each channel of a tile in one call whose fixed
+# cost (summing the vector lanes, the tile's mean and M2) is paid per channel: tiles of at
+# least 2 KB per channel amortise it.  Kernels side by side in one process, float32 at 2
+# threads: (32, 2048, 7, 7) 255 -> 238 us, (64, 512, 7, 7) 182 -> 140 us; float64 even to 10%
+# faster.  The backward sums, reading two arrays, did not gain.  So tiled, they beat the
+# per-run moments up to runs of 1 KB: float32 (32, 256, 196) 148 -> 113 us, (32, 512, 128)
+# 212 -> 151 us, (64, 64, 256) 86 -> 76 us; even at 2 KB ((32, 128, 512) float32; float64
+# (32, 256, 196)), and slower beyond (float64 (16, 64, 1024): 70 against 52 us).
+_SHORT_MOMENTS_BYTES = 1024
 _SHORT_MOMENTS_GROUP = 2048
 _MIN_ROWS = 32  # channels-last reductions: rows per tile, so partial buffers stay small
 _LINE = 64  # bytes in a cache line (simd.LINE)
@@ -465,10 +469,11 @@ def _reduce(p, name, arrays, params, nout=2):
     if not p.channels_last:
         N, _, S = x3.shape
         R, W, SB = _cf_tiles(N, C, S, x3.itemsize)
-        if SB < _SHORT_RUN and name in ("moments", "bwd_sums"):
-            name += "_short"
-            if name == "moments_short":
-                R, W, SB = _cf_tiles(N, C, S, x3.itemsize, _SHORT_MOMENTS_GROUP)
+        if name == "moments" and SB * x3.itemsize <= _SHORT_MOMENTS_BYTES:
+            name = "moments_short"
+            R, W, SB = _cf_tiles(N, C, S, x3.itemsize, _SHORT_MOMENTS_GROUP)
+        elif name == "bwd_sums" and SB < _SHORT_RUN:
+            name = "bwd_sums_short"
         KN, KS = -(-N // R), -(-S // SB)
         bufs = np.empty((nout, KN * KS, C))
         getattr(_cf, name)(x3.size, *arrays, *params, R, W, SB, *bufs)

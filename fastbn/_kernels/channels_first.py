@@ -166,7 +166,8 @@ def moments_short(x, R, W, SB, hi, lo, m2):
     ``R`` runs (simd.block_moments; shift: its first value, error bound as
     ``_channel_moments``), instead of per-run moments and a Chan update per run, whose scalar
     arithmetic dominated 49-value runs: (32, 2048, 7, 7) float32 at 2 threads 667 -> 352 us.
-    From runs of about 200 values on, the loop of :func:`moments` was as fast or faster."""
+    Used for runs of up to 1 KB, in tiles of at least 2 KB per channel (see
+    ``functional._SHORT_MOMENTS_BYTES``)."""
     rs = _rows(x)
     for it in numba.prange(_items(x, R, W, SB)):
         k, n0, n1, c0, c1, s0, s1 = _tile(it, x, R, W, SB)
