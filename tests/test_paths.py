@@ -151,3 +151,27 @@ def test_statistics_kernel_by_run_bytes(monkeypatch, dtype, expected):
     assert_close(mean, rmean, dtype, name="mean")
     assert_close(var, rvar, dtype, name="var")
     assert seen == [expected], seen
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_long_channels_train_and_backward_channel_by_channel(monkeypatch, dtype):
+    """Beyond the one-call size, channels-first runs of 128 KB or more whose channels stay in
+    cache (``functional._long_channels``) still train and backpropagate channel by channel,
+    and match the reference."""
+    monkeypatch.setattr(_config, "LLC_BYTES", 32 << 20)
+    monkeypatch.setattr(F, "_ONE_CALL_LLC_SHARE", 1 << 20)  # no one-call by size
+    seen = _spy(monkeypatch, ONE_CALL + TILED)
+    x, axis = _input((2, 16, 32768), 1, dtype)
+    w, b, _, _ = params(16, dtype, "paths")
+    y, mean, invstd = fastbn.batch_norm_train(x, w, b)
+    ry, rmean, rinvstd = ref.batch_norm_train(x, w, b)
+    assert_close(y, ry, dtype, slack=input_precision_slack(x, rinvstd, w), name="y")
+    assert_close(mean, rmean, dtype, name="mean")
+    assert_close(invstd, rinvstd, dtype, name="invstd")
+    dy = np.random.default_rng(3).standard_normal(x.shape).astype(dtype)
+    dx, dw, db = fastbn.batch_norm_backward(dy, x, mean, invstd, w)
+    rdx, rdw, rdb = ref.batch_norm_backward(dy, x, mean, invstd, w)
+    assert_close(dx, rdx, dtype, slack=input_precision_slack(x, rinvstd, w), name="dx")
+    assert_close(dw, rdw, dtype, name="dweight")
+    assert_close(db, rdb, dtype, name="dbias")
+    assert seen == ["train_small", "backward_small"], seen

@@ -20,7 +20,7 @@ from fastbn import functional as F
 # short runs that are whole cache lines, which stream only when the output starts on a line;
 # and short runs that are not, which never stream.
 STREAMED = [((4, 8, 40, 40), 1), ((8, 5, 1000), 1), ((300, 2048), -1), ((40, 5, 5, 1100), -1),
-            ((2, 16, 32768), 1)]  # the last: backward channel by channel (_fuse_backward)
+            ((2, 16, 32768), 1)]  # the last: training and backward channel by channel
 ALIGNED = [((2048, 64), -1), ((64, 32, 128), 1)]
 REFUSED = [((48, 16, 7, 7), 1), ((64, 602), -1)]
 
@@ -76,7 +76,8 @@ def _flags(monkeypatch, threshold):
     for mod in (F._cf, F._cl):
         for name in ("affine", "bwd_apply"):
             _spy(monkeypatch, mod, name, seen)
-    _spy(monkeypatch, F._cf, "backward_small", seen)
+    for name in ("train_small", "backward_small"):
+        _spy(monkeypatch, F._cf, name, seen)
     return seen
 
 

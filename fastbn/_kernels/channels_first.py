@@ -265,8 +265,8 @@ def _channel_moments(x, c):
     """Mean and M2 of channel ``c`` in one shifted pass (for the one-call kernels): sums of
     ``x - x[0, c, 0]`` over all its runs.  The relative loss is ``eps * ((x0 - mean) / std)^2``
     (see :func:`_run_moments`), at most ``eps * L`` for ``L`` values even if ``x0`` is the one
-    outlier: below 1e-11 for the at most 64k values per channel of a one-call tensor (16
-    channels or more in at most 4 MB, with a 32 MB cache).  Per-run moments merged with Chan's
+    outlier: below 1e-10 for the at most 512k values per channel of a one-call tensor (a
+    channel of at most a sixteenth of a 32 MB cache).  Per-run moments merged with Chan's
     update cost 2x more per channel on short runs."""
     N, C, S = x.shape
     hi = np.float64(x[0, c, 0])
@@ -305,11 +305,12 @@ def infer_small(x, center, var, weight, bias, eps, lo, narrow, y, params):
 
 
 @kernel(exact=True, serial_below=SMALL_PARALLEL_FROM)
-def train_small(x, weight, bias, eps, narrow, y, mean, var):
-    """Forward training in one call for small tensors (see :func:`stats_small`): each
-    channel's statistics, then its normalisation in the lanes of ``functional._affine`` --
-    float32 when ``narrow`` and the channel's parameters allow it (``merge.affine_fits32``;
-    float64 lanes made (4, 32, 4096) float32 take 87 us instead of 70)."""
+def train_small(x, weight, bias, eps, narrow, y, mean, var, nt):
+    """Forward training in one call for small tensors (see :func:`stats_small`) and for
+    channels that fit in cache (``functional._long_channels``): each channel's statistics,
+    then its normalisation in the lanes of ``functional._affine`` -- float32 when ``narrow``
+    and the channel's parameters allow it (``merge.affine_fits32``; float64 lanes made
+    (4, 32, 4096) float32 take 87 us instead of 70); ``nt``: stream ``y`` past the cache."""
     N, C, S = x.shape
     L = float(N * S)
     for c in numba.prange(C):
@@ -323,11 +324,19 @@ def train_small(x, weight, bias, eps, narrow, y, mean, var):
             m32, sh32 = narrow_centre(m, sc, sh)
             par32 = (np.float32(m32), np.float32(sc), np.float32(sh32), np.float32(-math.inf))
             for n in range(N):
-                affine_run((at(x, (n, c, 0)),), at(y, (n, c, 0)), S, par32)
+                if nt:
+                    affine_run_nt((at(x, (n, c, 0)),), at(y, (n, c, 0)), S, par32)
+                else:
+                    affine_run((at(x, (n, c, 0)),), at(y, (n, c, 0)), S, par32)
         else:
             par = (m, sc, sh, -math.inf)
             for n in range(N):
-                affine_run((at(x, (n, c, 0)),), at(y, (n, c, 0)), S, par)
+                if nt:
+                    affine_run_nt((at(x, (n, c, 0)),), at(y, (n, c, 0)), S, par)
+                else:
+                    affine_run((at(x, (n, c, 0)),), at(y, (n, c, 0)), S, par)
+        if nt:
+            fence()
 
 
 @kernel(exact=True, serial_below=SMALL_PARALLEL_FROM)
