@@ -234,14 +234,16 @@ def _require_training_size(x, axis):
 
 _NARROW_ROW_BYTES = 512  # channels-last rows read in at most two column sweeps
 _SHORT_RUN = 128  # channels-first backward sums over shorter runs use bwd_sums_short
-# The short-run statistics (moments_short) sum each channel of a tile in one call whose fixed
-# cost (summing the vector lanes, the tile's mean and M2) is paid per channel: tiles of at
-# least 2 KB per channel amortise it.  Kernels side by side in one process, float32 at 2
-# threads: (32, 2048, 7, 7) 255 -> 238 us, (64, 512, 7, 7) 182 -> 140 us; float64 even to 10%
-# faster.  The backward sums, reading two arrays, did not gain.  So tiled, they beat the
-# per-run moments up to runs of 1 KB: float32 (32, 256, 196) 148 -> 113 us, (32, 512, 128)
-# 212 -> 151 us, (64, 64, 256) 86 -> 76 us; even at 2 KB ((32, 128, 512) float32; float64
-# (32, 256, 196)), and slower beyond (float64 (16, 64, 1024): 70 against 52 us).
+# Channels-first statistics over runs of up to _SHORT_MOMENTS_BYTES use moments_short, which
+# sums each channel of a tile in one vector pass; its fixed cost per channel (the lane sums,
+# the tile's mean and M2) is amortised by tiles of at least _SHORT_MOMENTS_GROUP bytes per
+# channel.  Kernels side by side in one process, float32 at 2 threads: such tiles took
+# (32, 2048, 7, 7) from 255 to 238 us and (64, 512, 7, 7) from 182 to 140 us (float64 even to
+# 10% faster; the backward sums, reading two arrays, did not gain from them).  With them the
+# block sums beat the per-run moments on runs of up to 1 KB: float32 (32, 256, 196) 148 ->
+# 113 us, (32, 512, 128) 212 -> 151 us, (64, 64, 256) 86 -> 76 us; they were even at 2 KB
+# ((32, 128, 512) float32, float64 (32, 256, 196)) and slower beyond (float64 (16, 64, 1024):
+# 70 against 52 us).
 _SHORT_MOMENTS_BYTES = 1024
 _SHORT_MOMENTS_GROUP = 2048
 _MIN_ROWS = 32  # channels-last reductions: rows per tile, so partial buffers stay small
