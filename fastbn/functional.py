@@ -528,15 +528,21 @@ def _nt(out3, fresh):
     return not fresh and out3.nbytes >= _config.STREAM_BYTES
 
 
+def _cf_nt(out3, fresh):
+    """Whether the channels-first kernel view ``out3`` takes streaming stores: large and
+    mapped (:func:`_nt`), and runs that allow it (:func:`_streams`)."""
+    return _nt(out3, fresh) and _streams(out3.shape[2], out3)
+
+
 def _elementwise(p, name, inputs, params, scalars, out3, fresh=False):
     """Run the elementwise kernel ``name`` of the view's family: ``out3`` from ``inputs`` and
     per-channel ``params``."""
-    big = _nt(out3, fresh)
     if not p.channels_last:
         x3 = inputs[0]
-        nt = big and _streams(x3.shape[2], out3)
-        getattr(_cf, name)(x3.size, *inputs, *params, *scalars, out3, _cf_flat_items(x3.size), nt)
+        getattr(_cf, name)(x3.size, *inputs, *params, *scalars, out3, _cf_flat_items(x3.size),
+                           _cf_nt(out3, fresh))
         return
+    big = _nt(out3, fresh)
     for views, P in _cl_parts(inputs + (out3,), p.C):
         M, Cw = views[0].shape
         R, W = _cl_tiles(M, Cw, False, views[0].itemsize)
@@ -688,8 +694,7 @@ def _train(x, axis, weight, bias, eps, out, guard=()):
         if p.channels_last:
             _cl.train_small(_items_size(p, x3), *args)
         else:  # channels that fit in cache: y may be large enough to stream
-            nt = _nt(y3, fresh) and _streams(y3.shape[2], y3)
-            _cf.train_small(_items_size(p, x3), *args, nt)
+            _cf.train_small(_items_size(p, x3), *args, _cf_nt(y3, fresh))
         mean = _infinite_means(p, x3, mean)
     else:
         mean, var = _moments(p, x3, "welford")
@@ -822,9 +827,8 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
         if p.channels_last:
             _cl.backward_small(size, x3, dy3, mean, invstd, w, training, _narrow(x3), dx3, grads)
         else:  # channels that fit in cache: dx may be large enough to stream
-            nt = _nt(dx3, fresh) and _streams(dx3.shape[2], dx3)
             _cf.backward_small(size, x3, dy3, mean, invstd, w, training, _narrow(x3), dx3, grads,
-                               nt)
+                               _cf_nt(dx3, fresh))
         if finish is not None:
             finish()
         return dx, grads[0], grads[1]
