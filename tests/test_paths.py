@@ -175,3 +175,49 @@ def test_long_channels_train_and_backward_channel_by_channel(monkeypatch, dtype)
     assert_close(dw, rdw, dtype, name="dweight")
     assert_close(db, rdb, dtype, name="dbias")
     assert seen == ["train_small", "backward_small"], seen
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(64, 1040), (40, 10, 10, 3)])
+def test_channels_last_parameter_rows(monkeypatch, shape, dtype):
+    """The channels-last elementwise passes read per-channel parameters as vectors: each row
+    starts on a cache line, also when tiled for few channels (``functional._cl_params``), tiles
+    of a tensor in cache span at most 4 KB of channels, and the results match the reference,
+    twice in a row (the rows are per-thread scratch, reused)."""
+    seen = []
+    for name in ("affine", "bwd_apply"):
+        kernel = getattr(F._cl, name)
+
+        def spy(size, *args, _kernel=kernel):
+            x2, W = args[0], args[-2]
+            rows = [a for a in args if isinstance(a, np.ndarray) and a.ndim == 1]
+            seen.append(([a.__array_interface__["data"][0] % 64 for a in rows],
+                         W * x2.itemsize, all(a.shape[0] == x2.shape[1] for a in rows)))
+            return _kernel(size, *args)
+
+        monkeypatch.setattr(F._cl, name, spy)
+    # past the one-call sizes, so that the tiled elementwise passes run
+    monkeypatch.setattr(_config, "SERIAL_BELOW", 1)
+    monkeypatch.setattr(F, "_FUSED_BLOCK_BYTES", 0)
+    x = _input(shape, -1, dtype)[0]
+    C = shape[-1]
+    w, b, rm, rv = params(C, dtype, "paths")
+    dy = np.random.default_rng(5).standard_normal(shape).astype(dtype)
+    for _ in range(2):
+        seen.clear()
+        assert_close(fastbn.batch_norm_infer(x, rm, rv, w, b, axis=-1),
+                     ref.batch_norm_infer(x, rm, rv, w, b, axis=-1), dtype, name="y")
+        y, mean, invstd = fastbn.batch_norm_train(x, w, b, axis=-1)
+        ry, _, rinvstd = ref.batch_norm_train(x, w, b, axis=-1)
+        assert_close(y, ry, dtype, slack=input_precision_slack(x, rinvstd, w), name="y")
+        for training in (True, False):
+            dx, _, _ = fastbn.batch_norm_backward(dy, x, mean, invstd, w, axis=-1,
+                                                  training=training)
+            rdx, _, _ = ref.batch_norm_backward(dy, x, mean, invstd, w, axis=-1,
+                                                training=training)
+            assert_close(dx, rdx, dtype, slack=input_precision_slack(x, rinvstd, w), name="dx")
+        assert len(seen) >= 4, seen  # one call per op, two where a part of rows is left over
+        for offsets, tile_bytes, tiled_width in seen:
+            assert offsets and set(offsets) == {0}, offsets
+            assert tile_bytes <= 4096, tile_bytes
+            assert tiled_width, "parameter rows do not span the kernel view's row"
