@@ -360,31 +360,45 @@ _FUSED_STATS_BLOCKS = 16
 # of fewer than 128 values lost too, training and statistics most, where the per-channel work
 # outweighs the launches saved ((16, 4096, 4) at 1 thread: train 667 -> 780 us, inference
 # 411 -> 525 us).
+#
+# Inference and backward gain less that way (inference reads every value once, and backward
+# reads two arrays per channel): with a last-level cache larger than 32 MB the share alone
+# would send them tensors where the tiled passes measured faster, alternating in one process
+# at 2 threads with the one-call rule forced: float32 (32, 128, 512), 8 MB, inference 135
+# against 191 us, backward 621 against 678 us; (32, 256, 14, 14), 6 MB, 128 against 139 and
+# 593 against 666 us; at 4 MB even ((16, 64, 32, 32): 83 and 82, 206 and 201 us).  Training
+# and statistics gained at those sizes (6-8 MB: 1.06-1.27x), so they keep the share alone.
 _ONE_CALL_LLC_SHARE = 8
 _ONE_CALL_MIN_VALUES = 128
+_ONE_CALL_PASS_BYTES = 4 << 20
 
 
-def _cf_one_call(p, x):
+def _cf_one_call(p, x, cap=None):
+    """Whether the channels-first view ``x`` runs the one-call kernels (see above); ``cap``:
+    a further bound on its bytes."""
+    limit = _config.LLC_BYTES // _ONE_CALL_LLC_SHARE
+    if cap is not None:
+        limit = min(limit, cap)
     return (not p.channels_last and p.C >= _CHANNEL_MIN
-            and x.size >= _ONE_CALL_MIN_VALUES * p.C
-            and x.nbytes <= _config.LLC_BYTES // _ONE_CALL_LLC_SHARE)
+            and x.size >= _ONE_CALL_MIN_VALUES * p.C and x.nbytes <= limit)
 
 
-def _fuse(p, x):
+def _fuse(p, x, cap=None):
     """Whether an operation runs as one kernel call (the ``*_small`` kernels): on small tensors
     the launches, not the memory traffic, are the cost.  By shape only, never by thread count,
-    so that results do not depend on the number of threads."""
+    so that results do not depend on the number of threads.  ``cap``: see :func:`_cf_one_call`."""
     if x.size < _config.SERIAL_BELOW:
         return True
     if p.channels_last:
         return p.shape3[0] * _cl.BLOCK * x.itemsize <= _FUSED_BLOCK_BYTES
-    return _cf_one_call(p, x)
+    return _cf_one_call(p, x, cap)
 
 
 def _fuse_infer(p, x):
     """:func:`_fuse` for inference, which reads every value once: channels-last blocks of
-    larger tensors measured no faster there (see ``_FUSED_BLOCK_BYTES``)."""
-    return x.size < _config.SERIAL_BELOW or _cf_one_call(p, x)
+    larger tensors measured no faster there (see ``_FUSED_BLOCK_BYTES``), nor channels-first
+    tensors beyond ``_ONE_CALL_PASS_BYTES``."""
+    return x.size < _config.SERIAL_BELOW or _cf_one_call(p, x, _ONE_CALL_PASS_BYTES)
 
 
 def _fuse_stats(p, x):
@@ -424,8 +438,9 @@ def _long_channels(p, x):
 
 
 def _fuse_backward(p, x):
-    """:func:`_fuse` for the backward pass (see ``_CHANNEL_RUN_BYTES``)."""
-    return _fuse(p, x) or _long_channels(p, x)
+    """:func:`_fuse` for the backward pass (see ``_ONE_CALL_PASS_BYTES`` and
+    ``_CHANNEL_RUN_BYTES``)."""
+    return _fuse(p, x, _ONE_CALL_PASS_BYTES) or _long_channels(p, x)
 
 
 def _items_size(p, x3):

@@ -221,3 +221,32 @@ def test_channels_last_parameter_rows(monkeypatch, shape, dtype):
             assert offsets and set(offsets) == {0}, offsets
             assert tile_bytes <= 4096, tile_bytes
             assert tiled_width, "parameter rows do not span the kernel view's row"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_call_bound_for_inference_and_backward(monkeypatch, dtype):
+    """With a large last-level cache, training and statistics run channels-first tensors in
+    one call up to a share of it, inference and backward only up to ``_ONE_CALL_PASS_BYTES``
+    (lowered here to below the tensor's size); every route matches the reference."""
+    monkeypatch.setattr(_config, "LLC_BYTES", 1 << 30)
+    monkeypatch.setattr(F, "_ONE_CALL_PASS_BYTES", 64 << 10)
+    seen = _spy(monkeypatch, ONE_CALL + TILED)
+    x, _ = _input((8, 32, 24, 24), 1, dtype)  # 147k values: past the one-call cap
+    w, b, rm, rv = params(32, dtype, "paths")
+    dy = np.random.default_rng(4).standard_normal(x.shape).astype(dtype)
+    y, mean, invstd = fastbn.batch_norm_train(x, w, b)
+    ry, rmean, rinvstd = ref.batch_norm_train(x, w, b)
+    assert_close(y, ry, dtype, slack=input_precision_slack(x, rinvstd, w), name="y")
+    assert_close(mean, rmean, dtype, name="mean")
+    assert_close(fastbn.channel_stats(x)[1], ref.channel_stats(x)[1], dtype, name="var")
+    assert seen == ["train_small", "stats_small"], seen
+    seen.clear()
+    assert_close(fastbn.batch_norm_infer(x, rm, rv, w, b), ref.batch_norm_infer(x, rm, rv, w, b),
+                 dtype, name="y")
+    dx, dw, db = fastbn.batch_norm_backward(dy, x, mean, invstd, w)
+    rdx, rdw, rdb = ref.batch_norm_backward(dy, x, mean, invstd, w)
+    assert_close(dx, rdx, dtype, slack=input_precision_slack(x, rinvstd, w), name="dx")
+    assert_close(dw, rdw, dtype, name="dweight")
+    assert_close(db, rdb, dtype, name="dbias")
+    assert not set(seen) & set(ONE_CALL), seen
+    assert "affine" in seen and "bwd_apply" in seen, seen
