@@ -471,9 +471,9 @@ def _line_rows(k, C, dtype=_F64):
     inference at 1 thread: 38 us with the parameter rows 16 bytes off a line (``np.empty``
     gives any multiple of 16), 34 us on one; whole calls against ``np.empty`` rows, alternating
     in one process, 2 threads: (256, 1024) float32 inference 50 -> 46 us, (32, 56, 56, 64) 736
-    -> 616 us, (32, 28, 28, 3) training 79 -> 72 us, backward 108 -> 101 us.  Finding an array's address costs 2 us, so each thread keeps
-    its scratch (up to ``_SCRATCH_BYTES`` each) by ``(k, C, dtype)``; nothing returned to a
-    caller points into it."""
+    -> 616 us, (32, 28, 28, 3) training 79 -> 72 us, backward 108 -> 101 us.  Finding an
+    array's address costs 2 us, so each thread keeps its scratch (up to ``_SCRATCH_BYTES``
+    each) by ``(k, C, dtype)``; nothing returned to a caller points into it."""
     cache = getattr(_scratch, "rows", None)
     if cache is None:
         cache = _scratch.rows = {}
