@@ -86,9 +86,15 @@ def empty(shape, dtype, nbytes):
                 return np.empty(shape, dtype), False
             block = np.empty(size, np.uint8)
             _blocks.append(block)
-    start = -block.__array_interface__["data"][0] % _ALIGN
     # a slice of the block has the block as its base, so every view of it counts in _free
-    return block[start:start + nbytes].view(dtype).reshape(shape), reused
+    return on_line(block, nbytes).view(dtype).reshape(shape), reused
+
+
+def on_line(block, nbytes):
+    """The ``nbytes`` of the uint8 array ``block`` (at least ``nbytes + 63`` long) that start
+    on its first cache line."""
+    start = -block.__array_interface__["data"][0] % _ALIGN
+    return block[start:start + nbytes]
 
 
 def _make_room(nbytes):

@@ -13,6 +13,7 @@ import numpy as np
 
 from . import _config
 from . import _layout
+from . import _pool
 from ._kernels import channels_first as _cf
 from ._kernels import channels_last as _cl
 from ._kernels import merge as _merge
@@ -482,21 +483,22 @@ def _line_rows(k, C, dtype=_F64):
     if a is None:
         per = _LINE // dtype.itemsize
         Cp = -(-C // per) * per
-        buf = np.empty(k * Cp + per, dtype)
-        start = -buf.__array_interface__["data"][0] % _LINE // dtype.itemsize
-        a = buf[start:start + k * Cp].reshape(k, Cp)
-        if a.nbytes <= _SCRATCH_BYTES:
+        nbytes = k * Cp * dtype.itemsize
+        a = _pool.on_line(np.empty(nbytes + _LINE, np.uint8), nbytes).view(dtype).reshape(k, Cp)
+        if nbytes <= _SCRATCH_BYTES:
             if len(cache) >= _SCRATCH_KEYS:
                 cache.clear()
             cache[key] = a
     return a
 
 
-def _cl_params(params, C, P=1):
+def _cl_params(params, C, P):
     """Per-channel parameter rows (``params``: ``(k, >= C)``, only the first ``C`` columns
     meaningful) for a channels-last pass over rows of ``P * C`` values (see :func:`_cl_parts`):
     each row tiled ``P`` times, starting on a cache line (see :func:`_line_rows`)."""
     k = len(params)
+    if k == 0:
+        return ()
     out = _line_rows(k, P * C, params[0].dtype)
     for i in range(k):
         out[i, :P * C].reshape(P, C)[...] = params[i][:C]
@@ -572,7 +574,7 @@ def _reduce(p, name, arrays, params, nout=2):
         R, W = _cl_tiles(M, Cw, True, views[0].itemsize)
         K = -(-M // R)
         bufs = np.empty((nout, K, Cw))
-        tiled = params if P == 1 else tuple(np.tile(q, P) for q in params)
+        tiled = params if P == 1 else _cl_params(params, C, P)
         getattr(_cl, _cl_reduction(name, views[0]))(views[0].size, *views, *tiled, R, W, *bufs)
         n = np.full(K, float(R))
         n[-1] = M - R * (K - 1)
@@ -689,7 +691,9 @@ def _param_rows(p, k):
 
 
 def _as_float32(p, params):
-    """The parameter rows of :func:`_param_rows` converted to float32, laid out alike."""
+    """The parameter rows of :func:`_param_rows` converted to float32, laid out alike (for
+    channels-first rows, ``astype``: a compiled copy into a new array measured slower there,
+    1.2 against 0.7 us at 64 channels)."""
     if not p.channels_last:
         return params.astype(np.float32)
     out = _line_rows(len(params), p.C, _F32)
