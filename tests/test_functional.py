@@ -614,6 +614,46 @@ def test_empty_batch_inference(shape, axis):
     np.testing.assert_array_equal(db, np.zeros(3))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", [
+    ((2, 3, 5, 5), 1), ((3, 4, 17), 1), ((1, 512, 7, 7), 1), ((4, 8, 40), 1), ((2, 6, 3, 3), 1),
+    ((64, 33), 1), ((5, 7, 7, 20), -1), ((9, 3), 1), ((16, 64, 14, 14), 1)])
+def test_out_may_be_the_input(shape, axis, dtype):
+    """``out=x`` (``out=dy`` in backward) is allowed: every value is read before the same
+    element is written, so the result equals the one into a separate array, bit for bit --
+    also where the kernels' last vector step of a run overlaps the previous one."""
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    C = shape[axis]
+    w, b = rng.standard_normal(C).astype(dtype), rng.standard_normal(C).astype(dtype)
+    rm, rv = rng.standard_normal(C).astype(dtype), (rng.random(C) + 0.5).astype(dtype)
+    y, mean, invstd = fastbn.batch_norm_train(x, w, b, axis=axis)
+    yi = fastbn.batch_norm_infer(x, rm, rv, w, b, axis=axis, activation="relu")
+    dx, dw, db = fastbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis)
+    dxe = fastbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, training=False)[0]
+
+    a = x.copy()
+    assert fastbn.batch_norm_train(a, w, b, axis=axis, out=a)[0] is a
+    np.testing.assert_array_equal(a, y)
+    a = x.copy()
+    assert fastbn.batch_norm_infer(a, rm, rv, w, b, axis=axis, activation="relu", out=a) is a
+    np.testing.assert_array_equal(a, yi)
+    for training, want in ((True, dx), (False, dxe)):
+        a = x.copy()
+        res = fastbn.batch_norm_backward(dy, a, mean, invstd, w, axis=axis, training=training,
+                                         out=a)
+        assert res[0] is a
+        np.testing.assert_array_equal(a, want)
+        g = dy.copy()
+        res = fastbn.batch_norm_backward(g, x, mean, invstd, w, axis=axis, training=training,
+                                         out=g)
+        assert res[0] is g
+        np.testing.assert_array_equal(g, want)
+    np.testing.assert_array_equal(res[1], dw)
+    np.testing.assert_array_equal(res[2], db)
+
+
 def test_out_with_gaps_or_transposed_is_accepted():
     """The self-overlap check on ``out`` refuses shared elements, not ordinary strided views."""
     x = inputs.build("nchw_64x56-float32").x
