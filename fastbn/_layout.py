@@ -157,7 +157,15 @@ def _plan(x, axis):
         cs = abs(strides[axis])
         outer = ones + [d for d in real if abs(strides[d]) > cs]
         inner = [d for d in real if abs(strides[d]) <= cs]
-    p.perm = tuple(outer + [axis] + inner)
+    perm = outer + [axis] + inner
+    order = [d for d in perm if shape[d] > 1 and (d != axis or C > 1)]
+    if not flips and order == sorted(order):
+        # Axes of size 1 may sit anywhere: where the others keep their order, the caller's own
+        # order is the plan (trivial for C-contiguous arrays, which then take the reshape
+        # fast paths: (1, 2, 1, 2) backward 13.5 -> ~8 us).
+        perm = list(range(x.ndim))
+        outer, inner = perm[:axis], perm[axis + 1:]
+    p.perm = tuple(perm)
     p.inverse = tuple(sorted(range(len(p.perm)), key=p.perm.__getitem__))
     p.kshape = tuple(shape[d] for d in p.perm)
     N = 1

@@ -250,3 +250,24 @@ def test_one_call_bound_for_inference_and_backward(monkeypatch, dtype):
     assert_close(db, rdb, dtype, name="dbias")
     assert not set(seen) & set(ONE_CALL), seen
     assert "affine" in seen and "bwd_apply" in seen, seen
+
+
+@pytest.mark.parametrize("shape, axis", [((1, 2, 1, 2), 1), ((8, 64, 1, 1), 1), ((4, 1, 5), 1),
+                                         ((1, 1, 7, 3), 3), ((3, 5, 1), 1)])
+def test_unit_axes_keep_the_callers_order(shape, axis):
+    """Axes of size 1 carry no stride information; a C-contiguous array with some still maps
+    onto the kernel view by a plain reshape (the fast paths of ``_layout.Plan``), and its
+    results match the reference."""
+    from fastbn import _layout
+
+    x = like(np.empty(shape, np.float32), "unit-axes", axis)
+    p = _layout.plan(x, axis)
+    assert p.trivial, p.perm
+    N = int(np.prod(shape[:axis]))
+    S = int(np.prod(shape[axis + 1:]))
+    assert p.shape3 == ((N, shape[axis]) if S == 1 else (N, shape[axis], S))
+    if int(np.prod(shape)) // shape[axis] > 1:
+        w, b = params(shape[axis], np.float32)[:2]
+        y = fastbn.batch_norm_train(x, w, b, axis=axis)[0]
+        ry, _, rinv = ref.batch_norm_train(x, w, b, axis=axis)
+        assert_close(y, ry, np.float32, slack=input_precision_slack(x, rinv, w))

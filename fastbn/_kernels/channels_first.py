@@ -272,15 +272,28 @@ def _channel_moments(x, c):
     hi = np.float64(x[0, c, 0])
     d1, d2 = block_moments((at(x, (0, c, 0)),), S, N, (_rows(x),), (hi,))
     L = float(N * S)
-    return hi + d1 / L, _m2(d1, d2, L)
+    m = hi + d1 / L
+    if m != m:
+        # Infinities of one sign (and no NaN) in the channel: the shifted sums saw inf - inf;
+        # the plain sum gives that infinity, as sum / L does (and PyTorch).  Here rather than
+        # by NumPy afterwards, whose test for NaN means cost 1.5 us of a 5 us call.
+        t = 0.0
+        for n in range(N):
+            for s in range(S):
+                t += x[n, c, s]
+        m = t / L
+    return m, _m2(d1, d2, L)
 
 
 @kernel(exact=True, serial_below=2 * SMALL_PARALLEL_FROM)
-def stats_small(x, mean, m2):
-    """Per-channel mean and M2 in one call, for tensors small enough to sit in cache whole:
-    there the kernel launches, not the memory traffic, are the cost (``functional._fuse``)."""
+def stats_small(x, denom, out):
+    """Per-channel mean and variance (M2 / ``denom``) into ``out[0]``, ``out[1]`` (either float
+    type) in one call, for tensors small enough to sit in cache whole: there the kernel
+    launches, not the memory traffic, are the cost (``functional._fuse``)."""
     for c in numba.prange(x.shape[1]):
-        mean[c], m2[c] = _channel_moments(x, c)
+        m, m2 = _channel_moments(x, c)
+        out[0, c] = m
+        out[1, c] = m2 / denom
 
 
 @kernel(exact=True)
@@ -310,7 +323,9 @@ def train_small(x, weight, bias, eps, narrow, y, mean, var, nt):
     channels that fit in cache (``functional._long_channels``): each channel's statistics,
     then its normalisation in the lanes of ``functional._affine`` -- float32 when ``narrow``
     and the channel's parameters allow it (``merge.affine_fits32``; float64 lanes made
-    (4, 32, 4096) float32 take 87 us instead of 70); ``nt``: stream ``y`` past the cache."""
+    (4, 32, 4096) float32 take 87 us instead of 70); ``nt``: stream ``y`` past the cache.
+    ``weight`` and ``bias`` (either float type, or None) come as the caller passed them (see
+    :func:`backward_small`)."""
     N, C, S = x.shape
     L = float(N * S)
     for c in numba.prange(C):
@@ -318,8 +333,10 @@ def train_small(x, weight, bias, eps, narrow, y, mean, var, nt):
         v = s / L
         mean[c] = m
         var[c] = v
-        sc = 1.0 / math.sqrt(v + eps) * weight[c]
-        sh = np.float64(bias[c])
+        sc = 1.0 / math.sqrt(v + eps)
+        if weight is not None:
+            sc *= weight[c]
+        sh = 0.0 if bias is None else np.float64(bias[c])
         if narrow and affine_fits32(m, sc, sh, v, L):
             m32, sh32 = narrow_centre(m, sc, sh)
             par32 = (np.float32(m32), np.float32(sc), np.float32(sh32), np.float32(-math.inf))

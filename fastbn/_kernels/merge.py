@@ -186,6 +186,16 @@ def narrow_centre(m, q, r):
 
 
 @helper(exact=True)
+def stats_out(mean, var, out):
+    """``out[0] = mean``, ``out[1] = var`` in ``out``'s type (a float32 beyond the range is
+    inf, silently as it should be): one call where two NumPy casts under ``np.errstate`` cost
+    1.6 us."""
+    for c in range(mean.shape[0]):
+        out[0, c] = mean[c]
+        out[1, c] = var[c]
+
+
+@helper(exact=True)
 def saved_stats(mean, var, eps, out):
     """``out[0] = mean``, ``out[1] = 1 / sqrt(var + eps)`` in ``out``'s type: what the forward
     pass saves for the backward pass, in one call instead of five NumPy ones (4 us)."""
