@@ -163,9 +163,12 @@ def backward_params(sums, mu, invstd, weight, count, training, narrow, out):
 
 @helper(exact=True)
 def bwd_coefficients(sg, sgx, istd, count, training):
-    """``(q, r)`` of :func:`backward_params` for one channel with sums ``sg``, ``sgx``."""
+    """``(q, r)`` of :func:`backward_params` for one channel with sums ``sg``, ``sgx``.  One
+    division, not two: per channel they were 7% of the one-call backward of (1, 512, 7, 7) at
+    one thread (13.4 -> 12.4 us), for one more rounding (1e-16 relative)."""
     if training:
-        return -istd * (istd * sgx / count), -sg / count
+        inv = 1.0 / count
+        return -istd * (istd * sgx * inv), -sg * inv
     return 0.0, 0.0
 
 
