@@ -253,6 +253,26 @@ _ELEMENTWISE_ITEMS = 16  # channels-last elementwise passes: tiles for load bala
 _PARAM_ROW_BYTES = 4096  # channels-last elementwise passes in cache: channels per tile (bytes)
 
 
+def _memo_tiles(func):
+    """``func`` memoised by its arguments and the ``_config`` values it reads (0.9 us a call
+    computed, 0.2 us looked up)."""
+    memo = {}
+
+    def tiles(*args):
+        key = args + (_config.CHUNK, _config.MIN_ITEMS, _config.LLC_BYTES)
+        t = memo.get(key)
+        if t is None:
+            if len(memo) >= 1024:
+                memo.clear()
+            t = memo[key] = func(*args)
+        return t
+
+    tiles.__wrapped__ = func
+    tiles.__doc__ = func.__doc__
+    return tiles
+
+
+@_memo_tiles
 def _cf_tiles(N, C, S, itemsize, group=512):
     """Tile (R rows, W channels, SB positions) for a channels-first reduction.
 
@@ -272,6 +292,7 @@ def _cf_tiles(N, C, S, itemsize, group=512):
     return R, -(-C // nb), SB
 
 
+@_memo_tiles
 def _cl_tiles(M, C, reduce, itemsize):
     """Tile size (rows R, channels W) for a channels-last kernel.
 
@@ -465,30 +486,32 @@ _SCRATCH_BYTES = 256 << 10
 
 
 def _line_rows(k, C, dtype=_F64):
-    """A ``(k, Cp)`` scratch array, ``Cp >= C``, C-contiguous, whose rows each start on a cache
-    line: the channels-last passes read per-channel parameters as vectors, one load per value,
-    and a vector that straddles two lines costs two.  Kernel alone, (256, 1024) float32
-    inference at 1 thread: 38 us with the parameter rows 16 bytes off a line (``np.empty``
-    gives any multiple of 16), 34 us on one; whole calls against ``np.empty`` rows, alternating
-    in one process, 2 threads: (256, 1024) float32 inference 50 -> 46 us, (32, 56, 56, 64) 736
-    -> 616 us, (32, 28, 28, 3) training 79 -> 72 us, backward 108 -> 101 us.  Finding an
-    array's address costs 2 us, so each thread keeps its scratch (up to ``_SCRATCH_BYTES``
-    each) by ``(k, C, dtype)``; nothing returned to a caller points into it."""
+    """``(a, rows)``: a ``(k, Cp)`` scratch array ``a``, ``Cp >= C``, C-contiguous, whose rows
+    each start on a cache line, and the views ``a[i, :C]``: the channels-last passes read
+    per-channel parameters as vectors, one load per value, and a vector that straddles two
+    lines costs two.  Kernel alone, (256, 1024) float32 inference at 1 thread: 38 us with the
+    parameter rows 16 bytes off a line (``np.empty`` gives any multiple of 16), 34 us on one;
+    whole calls against ``np.empty`` rows, alternating in one process, 2 threads: (256, 1024)
+    float32 inference 50 -> 46 us, (32, 56, 56, 64) 736 -> 616 us, (32, 28, 28, 3) training 79
+    -> 72 us, backward 108 -> 101 us.  Finding an array's address costs 2 us (and slicing rows
+    0.6 us), so each thread keeps its scratch and views (up to ``_SCRATCH_BYTES`` each) by
+    ``(k, C, dtype)``; nothing returned to a caller points into it."""
     cache = getattr(_scratch, "rows", None)
     if cache is None:
         cache = _scratch.rows = {}
     key = (k, C, dtype.char)
-    a = cache.get(key)
-    if a is None:
+    got = cache.get(key)
+    if got is None:
         per = _LINE // dtype.itemsize
         Cp = -(-C // per) * per
         nbytes = k * Cp * dtype.itemsize
         a = _pool.on_line(np.empty(nbytes + _LINE, np.uint8), nbytes).view(dtype).reshape(k, Cp)
+        got = a, tuple(a[i, :C] for i in range(k))
         if nbytes <= _SCRATCH_BYTES:
             if len(cache) >= _SCRATCH_KEYS:
                 cache.clear()
-            cache[key] = a
-    return a
+            cache[key] = got
+    return got
 
 
 def _cl_params(params, C, P):
@@ -498,10 +521,10 @@ def _cl_params(params, C, P):
     k = len(params)
     if k == 0:
         return ()
-    out = _line_rows(k, P * C, params[0].dtype)
+    rows = _line_rows(k, P * C, params[0].dtype)[1]
     for i in range(k):
-        out[i, :P * C].reshape(P, C)[...] = params[i][:C]
-    return tuple(out[i, :P * C] for i in range(k))
+        rows[i].reshape(P, C)[...] = params[i][:C]
+    return rows
 
 
 def _cl_parts(arrays, C):
@@ -673,30 +696,39 @@ def _affine(p, x3, y3, center, var, weight, bias, eps, lo, count=0, fresh=False)
     ``count > 0`` (training: ``var`` is the batch variance over ``count`` values) lets the
     parameter preparation bound ``max |x - center|`` (see ``merge.affine_params``).
     """
-    params = _param_rows(p, 3)
-    if _merge.affine_params(center, var, weight, bias, eps, count, _narrow(x3), params):
-        params = _as_float32(p, params)
-    dt = params.dtype
+    narrow = _narrow(x3)
+    (a, rows), (a32, rows32) = _param_rows(p, 3, narrow)
+    if _merge.affine_params(center, var, weight, bias, eps, count, narrow, a, a32):
+        rows = rows32
     # float32 lanes are exact here: scale and shift round once; the centre's rounding is in shift
-    _elementwise(p, "affine", (x3,), tuple(params[:, :p.C]), (dt.type(lo),), y3, fresh)
+    _elementwise(p, "affine", (x3,), rows, (_floor(rows[0], lo),), y3, fresh)
 
 
-def _param_rows(p, k):
-    """Scratch for ``k`` rows of float64 per-channel parameters of an elementwise pass (only
-    the first ``C`` columns are used): rows on cache lines for the channels-last passes, which
-    read them as vectors (see :func:`_line_rows`)."""
-    return _line_rows(k, p.C) if p.channels_last else np.empty((k, p.C))
+def _param_rows(p, k, narrow):
+    """``((a, rows), (a32, rows32))``: scratch ``a`` for ``k`` rows of float64 per-channel
+    parameters of an elementwise pass (the ``out`` of the ``merge`` parameter functions) with
+    its rows as a tuple of ``C``-long views, and float32 alike (``narrow``: float32 data) for
+    what those functions fill when float32 lanes are safe (else ``a`` again, never written).
+    Rows start on cache lines for the channels-last passes, which read them as vectors (see
+    :func:`_line_rows`)."""
+    if p.channels_last:
+        f64 = _line_rows(k, p.C)
+        return f64, _line_rows(k, p.C, _F32) if narrow else f64
+    a = np.empty((k, p.C))
+    f64 = a, tuple(a)
+    if not narrow:
+        return f64, f64
+    a32 = np.empty((k, p.C), _F32)
+    return f64, (a32, tuple(a32))
 
 
-def _as_float32(p, params):
-    """The parameter rows of :func:`_param_rows` converted to float32, laid out alike (for
-    channels-first rows, ``astype``: a compiled copy into a new array measured slower there,
-    1.2 against 0.7 us at 64 channels)."""
-    if not p.channels_last:
-        return params.astype(np.float32)
-    out = _line_rows(len(params), p.C, _F32)
-    _merge.narrow_rows(params, out)
-    return out
+_FLOORS = {(c, lo): np.dtype(c).type(lo) for c in "fd" for lo in (0.0, _NEG_INF)}
+
+
+def _floor(row, lo):
+    """The floor ``lo`` (0 or -inf) in the type of the parameter row ``row``: a float64 scalar
+    would widen float32 lanes to float64."""
+    return _FLOORS[row.dtype.char, lo]
 
 
 def _resolve_method(method):
@@ -920,17 +952,17 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
     istd = invstd.astype(np.float64)
     parts, _ = _reduce(p, "bwd_sums", (x3, dy3), (mu,))
     sums = _merged_sums(parts)
-    params = _param_rows(p, 4)
-    if _merge.backward_params(sums, mu, istd, w, float(L), training, _narrow(x3), params):
-        params = _as_float32(p, params)
-    params = params[:, :C]
+    narrow = _narrow(x3)
+    (a, rows), (a32, rows32) = _param_rows(p, 4, narrow)
+    if _merge.backward_params(sums, mu, istd, w, float(L), training, narrow, a, a32):
+        rows = rows32
     if training:
-        _elementwise(p, "bwd_apply", (x3, dy3), tuple(params), (), dx3, fresh)
+        _elementwise(p, "bwd_apply", (x3, dy3), rows, (), dx3, fresh)
     else:
         # Evaluation mode: dx = a * dy does not depend on x (an infinite x must not give NaN);
         # q is 0 there, and its row serves as centre and shift.
-        _elementwise(p, "affine", (dy3,), (params[2], params[1], params[2]),
-                     (params.dtype.type(_NEG_INF),), dx3, fresh)
+        _elementwise(p, "affine", (dy3,), (rows[2], rows[1], rows[2]),
+                     (_floor(rows[0], _NEG_INF),), dx3, fresh)
     if finish is not None:
         finish()
     return _grads(x, sums, istd, dx)

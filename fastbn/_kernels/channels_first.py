@@ -302,7 +302,7 @@ def infer_small(x, center, var, weight, bias, eps, lo, narrow, y, params):
     ``merge.affine_params`` (into the float64 scratch ``params``), then ``y``, each channel in
     the lanes ``functional._affine`` would use -- float32 when ``narrow`` and the parameters
     allow it -- so results equal the general path's."""
-    ok = affine_params(center, var, weight, bias, eps, 0, narrow, params)
+    ok = affine_params(center, var, weight, bias, eps, 0, narrow, params, params)
     N, C, S = x.shape
     lo32 = np.float32(lo)
     for c in numba.prange(C):

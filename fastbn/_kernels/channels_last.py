@@ -275,7 +275,7 @@ def stats_small(x, denom, out):
 def infer_small(x, center, var, weight, bias, eps, lo, narrow, y, params):
     """Inference in one call for small tensors, with the parameters and lanes of the general
     path (see the channels-first ``infer_small``)."""
-    ok = affine_params(center, var, weight, bias, eps, 0, narrow, params)
+    ok = affine_params(center, var, weight, bias, eps, 0, narrow, params, params)
     M, C = x.shape
     strides = (_rows(x), _rows(y))
     p32 = params.astype(np.float32)
