@@ -161,8 +161,10 @@ def _plan(x, axis):
     order = [d for d in perm if shape[d] > 1 and (d != axis or C > 1)]
     if not flips and order == sorted(order):
         # Axes of size 1 may sit anywhere: where the others keep their order, the caller's own
-        # order is the plan (trivial for C-contiguous arrays, which then take the reshape
-        # fast paths: (1, 2, 1, 2) backward 13.5 -> ~8 us).
+        # order is the plan (trivial for C-contiguous arrays, which then take the reshape fast
+        # paths).  Whole calls at one thread, fastest of 40 batches, (8, 64, 1, 1) float32:
+        # training 5.1 -> 2.9 us, inference 3.1 -> 2.2, backward 4.2 -> 2.7, together with
+        # the leaner one-call paths (PyTorch: 3.5, 2.4, 3.2 us).
         perm = list(range(x.ndim))
         outer, inner = perm[:axis], perm[axis + 1:]
     p.perm = tuple(perm)
