@@ -5,12 +5,10 @@ number of values per channel, ``L``); the running variance is updated with the u
 (divide by ``L - 1``); ``running = (1 - momentum) * running + momentum * batch``.
 """
 
-import contextlib
 import math
 import operator
 import threading
 
-import numba
 import numpy as np
 
 from . import _config
@@ -789,23 +787,11 @@ def channel_stats(x, *, axis=1, ddof=0, method="auto"):
     p = _layout.plan(x, axis)
     x3 = p.as_input(x)
     out = np.empty((2, p.C), x.dtype)
-    with _casts():
-        if method == "welford" and _fuse_stats(p, x3):  # straight into the caller's type
-            _family(p).stats_small(_items_size(p, x3), x3, float(L - ddof), out)
-        else:
-            _merge.stats_out(*_moments(p, x3, method, ddof), out)
+    if method == "welford" and _fuse_stats(p, x3):  # straight into the caller's type
+        _family(p).stats_small(_items_size(p, x3), x3, float(L - ddof), out)
+    else:
+        _merge.stats_out(*_moments(p, x3, method, ddof), out)
     return out[0], out[1]
-
-
-_NO_CONTEXT = contextlib.nullcontext()
-
-
-def _casts():
-    """Around kernels that store float64 results into float32 outputs: compiled, a value
-    beyond the range becomes inf silently, as it should; run as Python (``NUMBA_DISABLE_JIT``,
-    the coverage run) NumPy warns, so there it is told not to (``np.errstate`` costs 1 us a
-    call, so only there)."""
-    return np.errstate(over="ignore") if numba.config.DISABLE_JIT else _NO_CONTEXT
 
 
 def _train(x, axis, weight, bias, eps, out, guard=()):
