@@ -101,6 +101,13 @@ def _masked(builder, op, vt, ptr, mask, value=None):
 TAIL_MASK_FROM = 4
 
 
+def _tail_kinds(builder, rest):
+    """``builder.if_else`` on whether a tail of ``rest`` values goes as one masked step
+    (``TAIL_MASK_FROM`` values or more) or value by value."""
+    big = builder.icmp_signed(">=", rest, ir.Constant(rest.type, TAIL_MASK_FROM))
+    return builder.if_else(big)
+
+
 def _run_intrinsic(body, nt, rows=False):
     """An intrinsic ``run(ins, out, n, params)``: ``out[t] = body(ins[.][t], params)`` for
     ``t < n``.  ``ins`` is a tuple of data pointers; each parameter is a scalar (the same for
@@ -201,9 +208,7 @@ def _run_intrinsic(body, nt, rows=False):
                 # A tail of TAIL_MASK_FROM values or more as one masked vector step; its
                 # loads and stores touch its own elements only, in the same order as the
                 # scalar steps (an output that is the input itself, ``out=x``, stays correct).
-                with builder.if_else(builder.icmp_signed(">=", rest,
-                                                         ir.Constant(intp, TAIL_MASK_FROM))
-                                     ) as (masked, scalar):
+                with _tail_kinds(builder, rest) as (masked, scalar):
                     with masked:
                         step(done, True, False, _lane_mask(builder, rest, width))
                     with scalar:
@@ -320,8 +325,7 @@ def _block_intrinsic(body):
                         step(base, builder.add(done, loop.index), False, tail)
 
         # one loop over the rows for each kind of tail, not a branch in every row
-        with builder.if_else(builder.icmp_signed(">=", rest, ir.Constant(intp, TAIL_MASK_FROM))
-                             ) as (masked, scalar):
+        with _tail_kinds(builder, rest) as (masked, scalar):
             with masked:
                 rows(True)
             with scalar:
@@ -417,8 +421,7 @@ def _column_intrinsic(body):
             sweep(builder.mul(builder.add(first, loop.index), w), 1, True)
         done = builder.mul(nstrips, w)
         rest = builder.sub(ncols, done)
-        with builder.if_else(builder.icmp_signed(">=", rest, ir.Constant(intp, TAIL_MASK_FROM))
-                             ) as (masked, scalar):
+        with _tail_kinds(builder, rest) as (masked, scalar):
             with masked:
                 sweep(done, 1, True, _lane_mask(builder, rest, width))
             with scalar:
