@@ -42,6 +42,12 @@ def fraction(f):
     return "–" if f is None else f"{f:.2f}"
 
 
+def tie(r):
+    """``~`` where the middle half of the per-round ratios straddles 1 (bench --json
+    ``standing_vs_torch``; older files have none)."""
+    return "~" if r.get("standing_vs_torch") == "tie" else ""
+
+
 def shape_cell(r):
     s = r["shape"]
     dims = "×".join(str(d) for d in s["shape"])
@@ -65,7 +71,7 @@ def render(doc):
         lines.append(
             f"| {shown} | {OP_TITLES.get(r['op'], r['op'])} | {ms(r.get('fastbn_s'))}{flag} | "
             f"{ms(r.get('torch_s')) if has_torch else 'n/a'} | {ms(r.get('numpy_s'))} | "
-            f"{ratio(r.get('speedup_vs_torch')) if has_torch else 'n/a'} | "
+            f"{tie(r)}{ratio(r.get('speedup_vs_torch')) if has_torch else 'n/a'} | "
             f"{fraction(r.get('roofline_fraction'))} |"
         )
     lines += ["", "| geometric mean | cases | speedup vs PyTorch | speedup vs NumPy | roofline |",
@@ -98,6 +104,8 @@ def render(doc):
         "autograd), `torch.var_mean(correction=0)` for stats"
         + (f"; channels-last shapes ({', '.join(layouts)}) as `torch.channels_last` tensors."
            if layouts else "."),
+        "~ = a tie within the run's noise: the middle half of the per-round speedups (fastbn "
+        "and PyTorch timed back to back in each round) spans 1.",
         "Roofline = time of a parallel copy of the tensor × bytes moved / 2B (inference 2B, "
         "forward-train 3B, backward 5B, stats 1B); fraction = roofline ÷ fastbn time, above 1 when "
         "the tensor fits in cache.",

@@ -96,7 +96,15 @@ def test_quick_json_has_pytorch_columns(quick):
         assert r["check_max_rel_diff"]["torch"] <= 1e-3
         if r["shape"]["axis"] == -1:
             assert r["torch_layout"] == "channels_last"
+        q = r["speedup_vs_torch_quartiles"]
+        if r["times"]["fastbn"]["n"] >= runner.MIN_PAIRS and r["times"]["torch"]["n"] >= runner.MIN_PAIRS:
+            assert 0 < q[0] <= q[1]
+            want = "ahead" if q[0] > 1 else "behind" if q[1] < 1 else "tie"
+            assert r["standing_vs_torch"] == want
+        else:
+            assert q is None and r["standing_vs_torch"] is None
     assert "channels_last for nhwc" in proc.stdout
+    assert "~ marks a tie" in proc.stdout
     for g in doc["geomean"].values():
         assert g["speedup_vs_torch"] > 0
 
@@ -308,3 +316,20 @@ def test_plot_without_matplotlib_fails_before_running(tmp_path):
     assert proc.returncode == 2
     assert "--plot needs matplotlib, which is not installed" in proc.stderr
     assert "forward-train" not in proc.stdout  # refused up front, not after minutes of timing
+
+
+def test_per_round_ratio_quartiles_tell_ties_from_leads():
+    spec = suite.SUITE_BY_NAME["resnet_56"]
+    c = runner.CaseResult(spec, "infer")
+    fast = [1.0] * 12
+    # Sample i of every contender comes from round i: the peer is slower in most rounds,
+    # faster in a few, so its median ratio is above 1 and its middle half straddles 1.
+    c.samples = {"fastbn": fast, "torch": [0.8, 0.9, 0.95, 1.05, 1.1, 1.2] * 2,
+                 "onnxruntime": [2.0 + 0.1 * i for i in range(12)], "numpy": [3.0] * 5}
+    q1, q3 = c.ratio_quartiles("torch")
+    assert q1 < 1.0 < q3 and c.standing("torch") == "tie"
+    assert c.standing("onnxruntime") == "ahead"
+    assert c.ratio_quartiles("numpy") is None  # too few rounds to say anything
+    c.samples["torch"] = [0.7 + 0.01 * i for i in range(12)]
+    assert c.standing("torch") == "behind"
+    assert runner.CaseResult(spec, "infer").standing("torch") is None

@@ -54,6 +54,7 @@ DEFAULT_BUDGET = 0.2
 QUICK_REPEAT = 10
 QUICK_BUDGET = 0.03
 MIN_REPEAT = 3
+MIN_PAIRS = 8  # rounds needed before the spread of per-round ratios says anything
 JSON_FORMAT = 1
 NOISY_LOAD = 0.10  # warn when other processes used more than this share of the CPUs
 
@@ -342,6 +343,27 @@ class CaseResult:
     def speedup(self, peer: str) -> float | None:
         f, p = self.median("fastbn"), self.median(peer)
         return None if not f or p is None else p / f
+
+    def ratio_quartiles(self, peer: str) -> tuple[float, float] | None:
+        """Lower and upper quartile of ``peer time / fastbn time`` over the rounds that timed
+        both: their calls ran back to back, so drift of the machine between rounds cancels and
+        the spread left is the noise that a single ratio of medians hides."""
+        f, p = self.samples.get("fastbn"), self.samples.get(peer)
+        if not f or not p:
+            return None
+        ratios = [b / a for a, b in zip(f, p) if a > 0]  # sample i of each comes from round i
+        if len(ratios) < MIN_PAIRS:
+            return None
+        q1, _, q3 = statistics.quantiles(ratios, n=4)
+        return q1, q3
+
+    def standing(self, peer: str) -> str | None:
+        """``"ahead"`` or ``"behind"`` where the middle half of the per-round ratios lies on one
+        side of 1, ``"tie"`` where it straddles 1 (a difference within this run's noise)."""
+        q = self.ratio_quartiles(peer)
+        if q is None:
+            return None
+        return "ahead" if q[0] > 1.0 else "behind" if q[1] < 1.0 else "tie"
 
     def check_failed(self, name: str) -> bool:
         d = self.check.get(name)
@@ -660,7 +682,8 @@ def format_table(rr: RunResult) -> str:
                     cell += " !"
                     flagged.append((c, name))
             cells.append(cell)
-        cells.append(_fmt_ratio(c.speedup("torch")) if has_torch else "n/a")
+        tie = "~" if c.standing("torch") == "tie" else ""
+        cells.append(tie + _fmt_ratio(c.speedup("torch")) if has_torch else "n/a")
         cells.append(_fmt_ratio(c.speedup("numpy")))
         rf = c.roofline_fraction
         cells.append("-" if rf is None else f"{rf:.2f}")
@@ -707,6 +730,14 @@ def format_table(rr: RunResult) -> str:
             notes.append(f"ONNX RT column missing: {rr.peers['onnxruntime']}.")
     notes.append("times are medians of interleaved calls after an untimed warm-up call; "
                  "vs X = X time / fastbn time (>1: fastbn faster).")
+    if has_torch:
+        notes.append("~ marks a tie within this run's noise: the middle half of the per-round "
+                     "ratios (fastbn and PyTorch timed back to back in each round) spans 1.0.")
+        behind = [c for c in cases if c.standing("torch") == "behind"]
+        if behind:
+            notes.append("behind PyTorch beyond this run's noise (slower in three rounds of four "
+                         "or more): " + "; ".join(f"{c.spec.name} {OP_TITLES[c.op]}"
+                                               for c in behind) + ".")
     notes.append("roofline = parallel-copy time x bytes/2B (infer 2B, train 3B, backward 5B, "
                  "stats 1B); fraction = roofline / fastbn time (cache-resident tensors can "
                  "exceed 1).")
@@ -785,6 +816,10 @@ def to_json(rr: RunResult) -> dict:
             "speedup_vs_torch": _num(c.speedup("torch")),
             "speedup_vs_numpy": _num(c.speedup("numpy")),
             "speedup_vs_onnxruntime": _num(c.speedup("onnxruntime")),
+            "speedup_vs_torch_quartiles": c.ratio_quartiles("torch"),
+            "speedup_vs_onnxruntime_quartiles": c.ratio_quartiles("onnxruntime"),
+            "standing_vs_torch": c.standing("torch"),
+            "standing_vs_onnxruntime": c.standing("onnxruntime"),
             "roofline_s": c.roofline_s,
             "roofline_fraction": _num(c.roofline_fraction),
             "check_max_rel_diff": {k: _num(v) if v is not None and math.isfinite(v) else "inf"
@@ -817,6 +852,8 @@ def to_json(rr: RunResult) -> dict:
         "peers": {k: {"available": v is None, "reason": v} for k, v in rr.peers.items()},
         "method": {
             "timing": "untimed warm-up call, then round-robin timed calls; medians",
+            "quartiles": "of peer/fastbn per round (calls back to back); standing: ahead or "
+                         "behind where both quartiles lie on one side of 1, else tie",
             "torch": "torch.ops.aten.native_batch_norm / native_batch_norm_backward; "
                      "torch.var_mean(correction=0) for stats",
             "numpy": "plain vectorised NumPy",
