@@ -270,11 +270,14 @@ def kernel(func=None, *, exact=False, serial_below=None):
     return Kernel(func, _flags(exact), serial_below)
 
 
-def helper(func=None, *, exact=False):
-    """A small jitted function called from kernels (inlined by LLVM)."""
+def helper(func=None, *, exact=False, inline=False):
+    """A small jitted function called from kernels (inlined by LLVM; ``inline``: by Numba, for
+    one LLVM judges too large but whose call costs more than it saves)."""
     if func is None:
-        return lambda f: helper(f, exact=exact)
-    return _njit(func, fastmath=_flags(exact), cache=True, nogil=True, error_model="numpy")
+        return lambda f: helper(f, exact=exact, inline=inline)
+    opts = {"inline": "always"} if inline else {}
+    return _njit(func, fastmath=_flags(exact), cache=True, nogil=True, error_model="numpy",
+                 **opts)
 
 
 def _njit(func, **opts):

@@ -578,6 +578,8 @@ def _reduce(p, name, arrays, params, nout=2):
         if name == "moments" and SB * x3.itemsize <= _SHORT_MOMENTS_BYTES:
             name = "moments_short"
             R, W, SB = _cf_tiles(N, C, S, x3.itemsize, _SHORT_MOMENTS_GROUP)
+        if name.startswith("moments") and _cf.lanes32(x3):
+            name = "moments32"
         elif name == "bwd_sums" and SB < _SHORT_RUN:
             name = "bwd_sums_short"
         KN, KS = -(-N // R), -(-S // SB)

@@ -333,3 +333,51 @@ def test_infinite_values_give_infinite_means(shape, axis, where, dtype, method):
     x[other] = np.inf
     x[where] = -np.inf
     assert np.isnan(fastbn.channel_stats(x, axis=axis, method=method)[0][ch])
+
+
+# --------------------------------------------------------------------------------------------
+# float32 lanes: the statistics of float32 channels with long enough runs are summed in float32
+# lanes, checked, and summed again in float64 where float32 cannot be trusted
+# --------------------------------------------------------------------------------------------
+
+# one call (cache-sized), tiles of long runs, tiles of short runs
+LANES32_SHAPES = [(8, 16, 16, 16), (4, 4, 1024, 300), (96, 128, 160)]
+
+
+def _lanes32_data(kind, shape, rng):
+    x = rng.standard_normal(shape)
+    if kind == "offset":  # far from zero: the shift must absorb it
+        x = x + 1e4
+    elif kind == "padded":  # a run's first 16 values far from the rest: the first shift is off
+        first = (np.arange(int(np.prod(shape[2:]))) < 16).reshape(shape[2:])
+        x = np.where(first, x + 1e3, 0.01 * x)
+    elif kind == "sorted":  # a channel's first values are its smallest
+        x = np.sort(x.reshape(shape[0], shape[1], -1), axis=-1).reshape(shape)
+    elif kind == "tiny":  # float32 squares near the subnormal range; the variance is normal
+        x = x * 1e-18
+    elif kind == "huge":  # float32 squares overflow; the variance itself fits
+        x = x * 1e19 + 1e20
+    elif kind == "constant":
+        x = np.full(shape, 3.0)
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["normal", "offset", "padded", "sorted", "tiny", "huge",
+                                  "constant"])
+@pytest.mark.parametrize("shape", LANES32_SHAPES)
+def test_float32_lanes_match_the_reference(shape, kind):
+    from fastbn import _layout
+    from fastbn._kernels import channels_first
+
+    rng = inputs.rng_for("lanes32", shape, 1, kind)
+    x = _lanes32_data(kind, shape, rng)
+    assert channels_first.lanes32(_layout.plan(x, 1).as_input(x))  # the path under test
+    rmean, rvar = ref.channel_stats(x, 1)
+    mean, var = fastbn.channel_stats(x)
+    assert_close(mean, rmean, np.float32, name="mean")
+    scale = np.maximum(rvar, np.finfo(np.float64).tiny)
+    err = float(np.max(np.abs(var - rvar) / scale))
+    assert err <= FLOAT32_VAR_BOUND or kind == "constant" and np.all(var == 0), err
+    y, tmean, _ = fastbn.batch_norm_train(x)
+    assert_close(tmean, rmean, np.float32, name="train mean")
+    assert_close(y, ref.batch_norm_train(x)[0], np.float32, name="y")

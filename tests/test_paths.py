@@ -19,14 +19,15 @@ from fastbn import _config
 from fastbn import functional as F
 
 # (shape, axis): short runs (the *_short reductions when tiled), runs of 128 values or more,
-# runs of 1 KB in float32 (the short statistics, the per-run backward sums), an NCL tensor,
+# runs of 1 KB in float32 (the short statistics, float32 lanes from 128 values, the per-run
+# backward sums), an NCL tensor,
 # every other sample of a batch (rows further apart than a sample), and a channel axis that is
 # not the second
 SHAPES = [((16, 48, 7, 7), 1), ((4, 24, 40, 40), 1), ((12, 40, 16, 16), 1), ((6, 32, 300), 1),
           ((6, 64, 20, 20), "odd"), ((20, 20, 64, 3), 2)]
 DTYPES = [np.float32, np.float64]
 ONE_CALL = ("train_small", "infer_small", "stats_small", "backward_small")
-TILED = ("moments", "moments_short", "affine", "bwd_sums", "bwd_sums_short", "bwd_apply")
+TILED = ("moments", "moments_short", "moments32", "affine", "bwd_sums", "bwd_sums_short", "bwd_apply")
 
 
 def _spy(monkeypatch, names):
@@ -139,13 +140,16 @@ def test_short_channels_stay_tiled(monkeypatch, dtype):
     assert seen and not set(seen) & set(ONE_CALL), seen
 
 
-@pytest.mark.parametrize("dtype, expected", [(np.float32, "moments_short"), (np.float64, "moments")])
-def test_statistics_kernel_by_run_bytes(monkeypatch, dtype, expected):
+@pytest.mark.parametrize("dtype, run, expected", [
+    (np.float32, 100, "moments_short"), (np.float32, 256, "moments32"),
+    (np.float64, 100, "moments_short"), (np.float64, 256, "moments")])
+def test_statistics_kernel_by_run_bytes(monkeypatch, dtype, run, expected):
     """Tiled statistics sum runs of up to 1 KB per channel block (``moments_short``), longer
-    ones run by run (``moments``): 256 values are 1 KB in float32, 2 KB in float64."""
+    ones run by run (``moments``): 256 values are 1 KB in float32, 2 KB in float64.  Float32
+    runs of 128 values or more go in float32 lanes (``moments32``) whatever their length."""
     monkeypatch.setattr(_config, "LLC_BYTES", 1024)
     seen = _spy(monkeypatch, ONE_CALL + TILED)
-    x, axis = _input((12, 40, 256), 1, dtype)
+    x, axis = _input((12, 40, run), 1, dtype)
     mean, var = fastbn.channel_stats(x)
     rmean, rvar = ref.channel_stats(x)
     assert_close(mean, rmean, dtype, name="mean")

@@ -250,12 +250,26 @@ def _hsum(builder, v):
     return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
 
 
-def _block_intrinsic(body):
+# Lines of float32 data whose terms a float32-lane block sum (see _block_intrinsic) adds in
+# float32 before they join the float64 accumulators: each lane then rounds like a sum of 16
+# values, 1e-8..1e-7 relative.  A term or partial sum beyond float32's range makes the block's
+# sum infinite, which callers take as the sign to sum in float64 lanes instead.
+FLUSH = 16
+
+
+def _block_intrinsic(body, lanes32=False):
     """An intrinsic ``run(ins, n, nrows, strides, params) -> (s1, s2)``: the float64 sums of
     the two terms of ``body`` (the bodies of :func:`_column_intrinsic`) over ``nrows`` rows of
     ``n`` contiguous values
     (row ``r`` of input ``i`` is ``r * strides[i]`` elements on); ``params`` are scalars.  For
     one channel's runs of a small channels-first tensor.
+
+    ``lanes32``: for float32 data, the terms of whole lines are computed and summed in float32
+    lanes, ``FLUSH`` lines at a time, then added to the float64 accumulators: half the vector
+    work of float64 lanes, for cache-resident data where that work is the bound.  The
+    parameters are rounded to float32 first (the scalar tail uses the same rounded values in
+    float64).  Callers check the sums and fall back to float64 lanes where float32 cannot be
+    trusted (``channels_first._sound32``).
 
     Each row goes in steps of one cache line into a float64 vector accumulator per term; its
     last partial line too, masked, if it holds ``TAIL_MASK_FROM`` values or more, else value by
@@ -281,16 +295,40 @@ def _block_intrinsic(body):
         strides = cgutils.unpack_tuple(builder, args[3])
         pars = [context.cast(builder, v, t, types.float64)
                 for v, t in zip(cgutils.unpack_tuple(builder, args[4]), par_t)]
-        vpars = [_splat(builder, v, width) for v in pars]
+        narrow = lanes32 and dtype == types.float32
         intp = n.type
+        if narrow:
+            p32 = [builder.fptrunc(v, d_ll) for v in pars]
+            pars = [builder.fpext(v, f64) for v in p32]
+            vt32 = ir.VectorType(d_ll, width)
+            vpars32 = [_splat(builder, v, width) for v in p32]
+            zeros32 = ir.Constant(vt32, [0.0] * width)
+            accs32 = [cgutils.alloca_once_value(builder, zeros32) for _ in range(2)]
+            count = cgutils.alloca_once_value(builder, ir.Constant(intp, 0))
+        vpars = [_splat(builder, v, width) for v in pars]
         zeros = ir.Constant(vt, [0.0] * width)
         accs = [cgutils.alloca_once_value(builder, zeros) for _ in range(2)]
         tail = [cgutils.alloca_once_value(builder, ir.Constant(f64, 0.0)) for _ in range(2)]
         w = ir.Constant(intp, width)
         done = builder.mul(builder.sdiv(n, w), w)
 
+        def flush():
+            for a32, a in zip(accs32, accs):
+                wide = builder.fpext(builder.load(a32), vt)
+                builder.store(builder.fadd(builder.load(a), wide), a)
+                builder.store(zeros32, a32)
+
+        def make_room(steps):
+            """Flush first if ``steps`` more float32 terms a lane would exceed ``FLUSH``."""
+            full = builder.icmp_signed(">", builder.add(builder.load(count), steps),
+                                       ir.Constant(intp, FLUSH))
+            with builder.if_then(full, likely=False):
+                flush()
+                builder.store(ir.Constant(intp, 0), count)
+
         def step(base, idx, vector, acc, mask=None):
-            ft = vt if vector else f64
+            lanes = narrow and acc is accs32
+            ft = vt32 if lanes else vt if vector else f64
 
             def widen(v):
                 return v if v.type == ft else builder.fpext(v, ft)
@@ -303,26 +341,54 @@ def _block_intrinsic(body):
                     p = builder.bitcast(p, ir.VectorType(d_ll, width).as_pointer())
                 return builder.load(p, align=isz)
 
-            terms = body(builder, [load(p) for p in base], vpars if vector else pars, widen)
+            terms = body(builder, [load(p) for p in base],
+                         vpars32 if lanes else vpars if vector else pars, widen)
             for a, t in zip(acc, terms):
                 old = builder.load(a)
                 new = _accumulate(builder, old, t)
                 builder.store(new if mask is None else builder.select(mask, new, old), a)
 
         rest = builder.sub(n, done)
+        lines = builder.sdiv(n, w)
 
         def rows(masked):
             mask = _lane_mask(builder, rest, width) if masked else None
+            if narrow:  # vector steps a row, at most FLUSH (longer rows flush in between)
+                q = builder.add(lines, ir.Constant(intp, 1 if masked else 0))
+                q = builder.select(builder.icmp_signed(">", q, ir.Constant(intp, FLUSH)),
+                                   ir.Constant(intp, FLUSH), q)
             with cgutils.for_range(builder, nrows) as row:
                 base = [builder.gep(p, [builder.mul(row.index, st)])
                         for p, st in zip(ptrs, strides)]
-                with cgutils.for_range(builder, builder.sdiv(n, w)) as loop:
-                    step(base, builder.mul(loop.index, w), True, accs)
+                if narrow:
+                    make_room(q)
+                    lines32(base)
+                else:
+                    with cgutils.for_range(builder, lines) as loop:
+                        step(base, builder.mul(loop.index, w), True, accs)
                 if masked:
-                    step(base, done, True, accs, mask)
+                    step(base, done, True, accs32 if narrow else accs, mask)
+                    if narrow:
+                        builder.store(builder.add(builder.load(count), ir.Constant(intp, 1)),
+                                      count)
                 else:
                     with cgutils.for_range(builder, rest) as loop:
                         step(base, builder.add(done, loop.index), False, tail)
+
+        def lines32(base):
+            # whole chunks of FLUSH lines, each flushed; then the rest, counted
+            span = ir.Constant(intp, FLUSH)
+            chunks = builder.sdiv(lines, span)
+            with cgutils.for_range(builder, chunks) as chunk:
+                first = builder.mul(chunk.index, span)
+                with cgutils.for_range(builder, span) as loop:
+                    step(base, builder.mul(builder.add(first, loop.index), w), True, accs32)
+                flush()
+            first = builder.mul(chunks, span)
+            left = builder.sub(lines, first)
+            with cgutils.for_range(builder, left) as loop:
+                step(base, builder.mul(builder.add(first, loop.index), w), True, accs32)
+            builder.store(builder.add(builder.load(count), left), count)
 
         # one loop over the rows for each kind of tail, not a branch in every row
         with _tail_kinds(builder, rest) as (masked, scalar):
@@ -330,6 +396,8 @@ def _block_intrinsic(body):
                 rows(True)
             with scalar:
                 rows(False)
+        if narrow:
+            flush()
         sums = [builder.fadd(_hsum(builder, builder.load(a)), builder.load(t))
                 for a, t in zip(accs, tail)]
         return context.make_tuple(builder, signature.return_type, sums)
@@ -445,7 +513,9 @@ def _accumulate(b, acc, term):
     196 -> 168 us; (32, 2048, 7, 7) moments 379 -> 342 us."""
     if isinstance(term, tuple):
         t = acc.type
-        name = f"llvm.fmuladd.v{t.count}f64" if isinstance(t, ir.VectorType) else "llvm.fmuladd.f64"
+        vector = isinstance(t, ir.VectorType)
+        kind = "f32" if (t.element if vector else t) == ir.FloatType() else "f64"
+        name = f"llvm.fmuladd.{f'v{t.count}' if vector else ''}{kind}"
         fma = cgutils.get_or_insert_function(b.module, ir.FunctionType(t, [t, t, t]), name)
         return b.call(fma, [term[0], term[1], acc])
     return b.fadd(acc, term)
@@ -453,9 +523,10 @@ def _accumulate(b, acc, term):
 
 def _moments_terms(b, xs, ps, widen):
     # d = x - c in float64 (data widened first): exact for x near c, and neither d nor its
-    # square overflows or underflows, whatever the data.  Forming d in float32 instead saved
-    # nothing measurable on data streamed from memory and needed a fallback for data near the
-    # float32 maximum.  The square is accumulated fused (see _accumulate).
+    # square overflows or underflows, whatever the data.  Float32 lanes (block_moments32) save
+    # nothing on data streamed from memory, but half the work on data in cache, where that
+    # work is the bound; they need the checks and fallback of channels_first._moments32.  The
+    # square is accumulated fused (see _accumulate).
     d = b.fsub(widen(xs[0]), widen(ps[0]))
     return d, (d, d)
 
@@ -494,6 +565,7 @@ bwd_apply_rows_nt = _run_intrinsic(_bwd_apply, nt=True, rows=True)
 column_moments = _column_intrinsic(_moments_terms)
 column_bwd_sums = _column_intrinsic(_bwd_sums_terms)
 block_moments = _block_intrinsic(_moments_terms)
+block_moments32 = _block_intrinsic(_moments_terms, lanes32=True)
 block_bwd_sums = _block_intrinsic(_bwd_sums_terms)
 
 
@@ -565,6 +637,14 @@ if numba.config.DISABLE_JIT:
         return run
 
     block_moments = _python_block(_moments_py)
+
+    def _moments32_py(x, c):
+        if x.dtype != np.float32:
+            return _moments_py(x, c)
+        d = x - np.float32(c)  # float32 terms, as the lanes; their sums in float64
+        return d.astype(np.float64), (d * d).astype(np.float64)
+
+    block_moments32 = _python_block(_moments32_py)
     column_moments = _python_columns(_moments_py)
     column_bwd_sums = _python_columns(_bwd_sums_py)
     block_bwd_sums = _python_block(_bwd_sums_py)
