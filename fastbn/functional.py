@@ -169,12 +169,13 @@ def _check_out(out, x, name="out", inputs=()):
     each element, and not partially overlap an input, per-channel parameters included (writing
     the exact same memory, e.g. ``out=x``, is allowed: every kernel reads an element before
     writing the same element)."""
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
+    if not isinstance(out, np.ndarray) or isinstance(out, np.ma.MaskedArray):
+        raise TypeError(f"{name} must be a numpy.ndarray (not masked), got {type(out).__name__}")
     if out.shape != x.shape:
         raise ValueError(f"{name} must have shape {x.shape} like x, got {out.shape}")
     if out.dtype != x.dtype:
-        raise TypeError(f"{name} must have dtype {x.dtype} like x, got {out.dtype}")
+        native = "" if out.dtype.isnative else " in native byte order"
+        raise TypeError(f"{name} must have dtype {x.dtype}{native} like x, got {out.dtype}")
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
     if not (out.flags.c_contiguous or out.flags.f_contiguous) and _overlaps_itself(out):
@@ -554,7 +555,9 @@ def _cl_parts(arrays, C):
     wide = []
     for a in arrays:
         v = _layout._reshape_nocopy(a[:Mw], (Mw // P, P * C))
-        if v is None:
+        # rows further apart than C values (a size-1 channel axis cut from a wider array,
+        # x[:, :1]) reshape into rows with gaps: the kernels read a row as contiguous vectors
+        if v is None or v.strides[-1] != v.itemsize:
             return [(arrays, 1)]
         wide.append(v)
     parts = [(tuple(wide), P)]
@@ -666,7 +669,8 @@ def _moments(p, x3, method, ddof=0):
         parts, _ = _reduce(p, "sums", (x3,), (mean,))
         d1, d2 = _merged_sums(parts)
         # The sum of deviations from the computed mean corrects that mean's rounding error.
-        mean, var = mean + d1 / L, _overflowed((d2 - d1 * d1 / L) / (L - ddof), d1)
+        with np.errstate(over="ignore", invalid="ignore"):  # spreads beyond float64: see below
+            mean, var = mean + d1 / L, _overflowed((d2 - d1 * d1 / L) / (L - ddof), d1)
     elif _fuse_stats(p, x3):  # the kernel sets infinite means itself
         out = np.empty((2, p.C))
         _family(p).stats_small(_items_size(p, x3), x3, L - ddof, out)

@@ -160,7 +160,9 @@ class BatchNorm:
         if not hasattr(state_dict, "keys"):
             raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
         keys = self._state_keys()
-        missing = [k for k in keys if k not in state_dict]
+        # As PyTorch with a plain dict (no version metadata): a missing num_batches_tracked is
+        # not an error, and the layer keeps its own count.
+        missing = [k for k in keys if k not in state_dict and k != "num_batches_tracked"]
         unexpected = [k for k in state_dict.keys() if k not in keys]
         if strict and (missing or unexpected):
             raise ValueError(f"Error(s) in loading state_dict for {type(self).__name__}: "

@@ -318,6 +318,12 @@ case("backward-training-array", TE, "training")(
     lambda: _bwd(x4(), x4(), *stats(), training=np.array([1, 0])))
 case("batch_norm-training-str", TE, "training")(lambda: _bn(x4(), *stats(), training="no"))
 case("stats-masked", TE, X_NAME)(lambda: _cs(np.ma.array(np.ones((3, 2)), mask=[[0, 0], [0, 0], [1, 0]])))
+case("train-out-masked", TE, "out")(
+    lambda: _train(x4(), out=np.ma.masked_array(np.zeros_like(x4()), mask=False)))
+case("infer-out-masked", TE, "out")(
+    lambda: _infer(x4(), *stats(), out=np.ma.masked_array(np.zeros_like(x4()), mask=False)))
+case("train-out-byte-order", TE, "native byte order")(
+    lambda: _train(x4(), out=np.zeros_like(x4()).astype(x4().dtype.newbyteorder())))
 case("infer-running_mean-masked", TE, "running_mean")(
     lambda: _infer(x4(), np.ma.array(stats()[0]), stats()[1]))
 case("train-eps-str", TE, "eps")(lambda: _train(x4(), eps="1e-5"))

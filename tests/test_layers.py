@@ -408,6 +408,21 @@ def test_load_state_dict_reports_keys_like_torch():
     assert layer.load_state_dict(layer.state_dict()) == ([], [])
 
 
+def test_load_state_dict_without_num_batches_tracked_keeps_the_count_as_torch():
+    torch = pytest.importorskip("torch")
+    layer, tlayer = fastbn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    layer.num_batches_tracked[...] = 5
+    tlayer.num_batches_tracked.fill_(5)
+    sd = {k: v for k, v in fastbn.BatchNorm1d(3).state_dict().items()
+          if k != "num_batches_tracked"}
+    sd["running_var"] = np.full(3, 2.0, np.float32)
+    got = layer.load_state_dict(sd)
+    want = tlayer.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()})
+    assert (got.missing_keys, got.unexpected_keys) == (want.missing_keys, want.unexpected_keys)
+    assert int(layer.num_batches_tracked) == int(tlayer.num_batches_tracked) == 5
+    np.testing.assert_array_equal(layer.running_var, tlayer.running_var.numpy())
+
+
 def test_dtype_none_is_float32_as_torch():
     layer = fastbn.BatchNorm2d(3, dtype=None)
     assert layer.dtype == np.float32 and layer.weight.dtype == np.float32

@@ -381,3 +381,17 @@ def test_float32_lanes_match_the_reference(shape, kind):
     y, tmean, _ = fastbn.batch_norm_train(x)
     assert_close(tmean, rmean, np.float32, name="train mean")
     assert_close(y, ref.batch_norm_train(x)[0], np.float32, name="y")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_spread_beyond_float64_is_infinite_and_silent(method):
+    """Squares beyond float64 (data near 1e200): the variance is +inf, the mean finite, and no
+    NumPy overflow warning escapes (the result is the correct rounding, not an accident)."""
+    x = _offset_data((8, 4, 25), 1, np.float64, 0.0) * 1e200
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mean, var = fastbn.channel_stats(x, method=method)
+    assert np.isposinf(var).all()
+    with np.errstate(over="ignore"):  # the reference's own squares overflow
+        rmean = ref.channel_stats(x)[0]
+    assert_close(mean, rmean, np.float64, name="mean")

@@ -751,3 +751,43 @@ def test_float64_variance_overflow_is_inf_not_nan(shape, axis, log2k):
         y, mean, invstd = _call(fastbn.batch_norm_train, x, axis=axis)
     assert np.all(invstd == 0), invstd
     assert not np.isnan(y).any(), "y has NaN for finite input"
+
+
+# A channel axis of size 1 whose values are not adjacent in memory (a channel cut from a wider
+# array, a broadcast one), large enough for the tiled passes: channels-last rows of one value
+# may not be merged into longer rows there, whose vectors would read and write the gaps.
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", ["every_other", "nhwc_first", "broadcast"])
+def test_single_channel_with_gaps(kind, dtype):
+    rng = inputs.rng_for("single-channel-gaps", kind, np.dtype(dtype).name)
+    if kind == "every_other":
+        base = rng.standard_normal((40_000, 2)).astype(dtype)
+        x, axis = base[:, :1], 1
+    elif kind == "nhwc_first":
+        base = rng.standard_normal((8, 64, 64, 3)).astype(dtype)
+        x, axis = base[..., :1], -1
+    else:
+        base = np.array([2.0] + [100.0] * 63, dtype)
+        x, axis = np.broadcast_to(base[:1], (40_000, 1)), 1
+    xc = np.ascontiguousarray(x)
+    rmean, rvar = ref.channel_stats(xc, axis)
+    before = Unchanged(base)
+    mean, var = fastbn.channel_stats(x, axis=axis)
+    assert_close(mean, rmean, dtype, name="mean")
+    assert_close(var, rvar, dtype, name="var")
+    y, _, _ = fastbn.batch_norm_train(x, axis=axis)
+    assert_close(y, ref.batch_norm_train(xc, axis=axis)[0], dtype, name="y")
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    m, s = fastbn.batch_norm_train(xc, axis=axis)[1:]
+    got = fastbn.batch_norm_backward(dy, x, m, s, axis=axis)
+    want = fastbn.batch_norm_backward(dy, xc, m, s, axis=axis)
+    for a, b, name in zip(got, want, ("dx", "dweight", "dbias")):
+        assert_close(a, b, dtype, name=name)
+    before.check()
+    # out= with gaps: the values between its elements stay as they were
+    holder = np.zeros(x.shape[:-1] + (2,), dtype)
+    out = holder[..., :1]
+    rm, rv = np.zeros(1, dtype), np.ones(1, dtype)
+    fastbn.batch_norm_infer(xc, rm, rv, axis=axis, out=out)
+    assert_close(out, ref.batch_norm_infer(xc, rm, rv, axis=axis), dtype, name="out")
+    assert not holder[..., 1].any()
