@@ -282,14 +282,15 @@ def helper(func=None, *, exact=False, inline=False):
 
 def _njit(func, **opts):
     """``numba.njit(**opts)(func)``.  With the JIT disabled (the coverage run) ``func`` runs as
-    Python, where NumPy warns on a float64 stored into float32 beyond its range; compiled, that
-    value becomes inf silently, as it should, so the Python run ignores overflow alike."""
+    Python, where NumPy warns on a float64 stored into float32 beyond its range, or on
+    ``inf - inf``; compiled, such IEEE results come silently, as they should, so the Python run
+    ignores them alike."""
     if not numba.config.DISABLE_JIT:
         return numba.njit(**opts)(func)
 
     @functools.wraps(func)
     def run(*args, **kwargs):
-        with np.errstate(over="ignore"):
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             return func(*args, **kwargs)
 
     return run
