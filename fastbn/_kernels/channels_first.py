@@ -237,13 +237,13 @@ def bwd_sums(x, dy, mu, R, W, SB, sg, sgx):
                 sgx[k, c] += v
 
 
-def _block_moments_kernel(name, block, doc):
+def _block_moments_kernel(name, block, shifts, doc):
     """A kernel ``(x, R, W, SB, hi, lo, m2)``: per tile, each channel's moments in one shifted
-    pass over its ``R`` runs, ``block(x, n0, c, s0, n, nrows, shift) -> (h, d1, d2)``, the
-    shift from ``_first_means`` (empty where unused)."""
+    pass over its ``R`` runs, ``block(x, n0, c, s0, n, nrows, shift) -> (h, d1, d2)``, with
+    ``shift = shifts(x)`` computed once."""
 
     def run(x, R, W, SB, hi, lo, m2):
-        shift = _first_means(x)
+        shift = shifts(x)
         for it in numba.prange(_items(x, R, W, SB)):
             k, n0, n1, c0, c1, s0, s1 = _tile(it, x, R, W, SB)
             n = float((n1 - n0) * (s1 - s0))
@@ -259,6 +259,11 @@ def _block_moments_kernel(name, block, doc):
     return run
 
 
+@helper
+def _no_shifts(x):
+    return np.empty(0)
+
+
 @helper(inline=True)
 def _first_value_block(x, n0, c, s0, n, nrows, shift):
     h = np.float64(x[n0, c, s0])
@@ -271,16 +276,19 @@ def _lanes32_block(x, n0, c, s0, n, nrows, shift):
     return _moments32(x, n0, c, s0, n, nrows, shift[c])
 
 
-moments_short = kernel(_block_moments_kernel("moments_short", _first_value_block, """:func:`moments` for short
-    runs: each channel of a tile in one shifted pass over its ``R`` runs (simd.block_moments;
-    shift: its first value, error bound as ``_channel_moments``), instead of per-run moments
-    and a Chan update per run, whose scalar arithmetic dominated 49-value runs: (32, 2048, 7,
-    7) float32 at 2 threads 667 -> 352 us.  Used for runs of up to 1 KB, in tiles of at least
-    2 KB per channel (see ``functional._SHORT_MOMENTS_BYTES``)."""), exact=True)
-moments32 = kernel(_block_moments_kernel("moments32", _lanes32_block, """:func:`moments_short` for float32
-    data in float32 lanes (:func:`_moments32`, shifts: ``_first_means``), where
-    :func:`lanes32` says so, for runs of any length: one pass per tile and channel."""),
-    exact=True)
+_MOMENTS_SHORT_DOC = """:func:`moments` for short runs: each channel of a tile in one shifted pass
+    over its ``R`` runs (simd.block_moments; shift: its first value, error bound as
+    ``_channel_moments``), instead of per-run moments and a Chan update per run, whose scalar
+    arithmetic dominated 49-value runs: (32, 2048, 7, 7) float32 at 2 threads 667 -> 352 us.
+    Used for runs of up to 1 KB, in tiles of at least 2 KB per channel (see
+    ``functional._SHORT_MOMENTS_BYTES``)."""
+_MOMENTS32_DOC = """:func:`moments_short` for float32 data in float32 lanes (:func:`_moments32`,
+    shifts: ``_first_means``), where :func:`lanes32` says so, for runs of any length: one pass
+    per tile and channel."""
+moments_short = kernel(_block_moments_kernel("moments_short", _first_value_block, _no_shifts,
+                                             _MOMENTS_SHORT_DOC), exact=True)
+moments32 = kernel(_block_moments_kernel("moments32", _lanes32_block, _first_means,
+                                         _MOMENTS32_DOC), exact=True)
 
 
 @kernel(exact=True)
