@@ -107,12 +107,12 @@ def _first_mean(x, c):
 
 @helper
 def _first_means(x):
-    """:func:`_first_mean` of every channel of float32 data (else empty): computed once before
-    the tiles, so that a run's shift is one load away rather than a chain of additions ahead of
-    its pass ((32, 128, 512): 157 vs 204 us)."""
+    """:func:`_first_mean` of every channel: computed once before the tiles, so that a run's
+    shift is one load away rather than a chain of additions ahead of its pass ((32, 128, 512):
+    157 vs 204 us)."""
     C = x.shape[1]
-    out = np.empty(C if x.itemsize == 4 else 0)
-    for c in range(out.shape[0]):
+    out = np.empty(C)
+    for c in range(C):
         out[c] = _first_mean(x, c)
     return out
 
@@ -266,6 +266,8 @@ def _no_shifts(x):
 
 @helper(inline=True)
 def _first_value_block(x, n0, c, s0, n, nrows, shift):
+    """:func:`_moments32`'s ``(h, d1, d2)`` in float64 lanes about the block's first value
+    (``shift`` unused)."""
     h = np.float64(x[n0, c, s0])
     d1, d2 = block_moments((at(x, (n0, c, s0)),), n, nrows, (_rows(x),), (h,))
     return h, d1, d2
@@ -382,8 +384,7 @@ def _channel_moments(x, c):
     channel of at most a sixteenth of a 32 MB cache).  Per-run moments merged with Chan's
     update cost 2x more per channel on short runs."""
     N, C, S = x.shape
-    hi = np.float64(x[0, c, 0])
-    d1, d2 = block_moments((at(x, (0, c, 0)),), S, N, (_rows(x),), (hi,))
+    hi, d1, d2 = _first_value_block(x, 0, c, 0, S, N, None)
     return _channel_result(x, c, hi, d1, d2)
 
 
