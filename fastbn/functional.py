@@ -249,6 +249,14 @@ _SHORT_RUN = 128  # channels-first backward sums over shorter runs use bwd_sums_
 _SHORT_MOMENTS_BYTES = 1024
 _SHORT_MOMENTS_GROUP = 2048
 _MIN_ROWS = 32  # channels-last reductions: rows per tile, so partial buffers stay small
+# Channels-last reduction tiles span this many chunks of values: each tile writes a row of
+# partial sums (two or three float64 per channel), finishes its moments channel by channel and
+# adds a row to the merge, a cost that tiles of one chunk (16k values) did not amortise.
+# Kernels at one thread, float32, tiles of one against two chunks: (50176, 128) statistics
+# 1.10 -> 0.84 ms; whole calls alternating in one process, (8, 28, 28, 512) statistics 364 ->
+# 251 us and training 1.28 -> 0.99 ms (with the column kernel, see _cl_reduction), (16, 56, 56,
+# 128) statistics 846 -> 750 us.
+_CL_REDUCE_CHUNKS = 2
 _LINE = 64  # bytes in a cache line (simd.LINE)
 _ELEMENTWISE_ITEMS = 16  # channels-last elementwise passes: tiles for load balance
 _PARAM_ROW_BYTES = 4096  # channels-last elementwise passes in cache: channels per tile (bytes)
@@ -311,7 +319,7 @@ def _cl_tiles(M, C, reduce, itemsize):
     """
     R = max(1, _config.CHUNK // C)
     if reduce:
-        R = max(_MIN_ROWS, R)
+        R = max(_MIN_ROWS, _CL_REDUCE_CHUNKS * R)
     R = min(R, M)
     K = -(-M // R)
     if reduce:
@@ -342,14 +350,17 @@ def _streams(run, out):
 
 
 def _cl_reduction(name, x2):
-    """The channels-last reduction kernel for ``x2``: the column-strip kernels keep a tile's
-    sums in registers but sweep its rows once per 64 channels (float32), so rows of more than
-    two sweeps that do not fit in cache are read in a strided pattern that measured 1.4-1.7x
-    slower (4096 x 2048 float32); those use the ``_wide`` kernels, which read row by row."""
-    if name not in ("moments", "bwd_sums"):
+    """The channels-last reduction kernel for ``x2``.  The column-strip kernels keep a tile's
+    sums in registers but sweep its rows once per 64 channels (float32), a strided pattern; for
+    the gradient sums, which read two arrays, that lost to the row-by-row ``_wide`` kernel on
+    wide rows that do not fit in the last-level cache (kernels at 2 threads, cache flushed
+    before each call, float32 (4096, 2048): 1.98 against 1.80 ms), and won on those that do
+    ((6272, 512): 0.56 against 0.69 ms).  The statistics, reading one array, take the column
+    kernel at every size: (4096, 2048) 0.86 against 1.08 ms, (8192, 2048) 1.97 against 2.20."""
+    if name != "bwd_sums":
         return name
     narrow = x2.shape[1] * x2.itemsize <= _NARROW_ROW_BYTES
-    if not narrow and x2.nbytes > _config.LLC_BYTES // 4:
+    if not narrow and x2.nbytes > _config.LLC_BYTES:
         return name + "_wide"
     return name
 

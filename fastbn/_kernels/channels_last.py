@@ -127,25 +127,6 @@ def moments(x, R, W, hi, lo, m2):
 
 
 @kernel
-def moments_wide(x, R, W, hi, lo, m2):
-    """:func:`moments` reading row by row, four rows per accumulator update: for wide rows (see
-    functional._cl_reduction)."""
-    M, C, NB, items = _tiles(x, R, W)
-    for it in numba.prange(items):
-        k, r0, r1, c0, c1 = _tile(it, NB, R, W, M, C)
-        h = hi[k, c0:c1]
-        s1 = lo[k, c0:c1]
-        s2 = m2[k, c0:c1]
-        x0 = x[r0, c0:c1]
-        for c in range(h.shape[0]):
-            h[c] = x0[c]
-            s1[c] = 0.0
-            s2[c] = 0.0
-        _rows_sums(x, r0 + 1, r1, c0, c1, h, s1, s2)
-        _finish(s1, s2, float(r1 - r0))
-
-
-@kernel
 def sums(x, center, R, W, s1, s2):
     """Per tile sums of ``x - center[c]`` and of its square into ``s1[K, C]``, ``s2[K, C]``."""
     M, C, NB, items = _tiles(x, R, W)
