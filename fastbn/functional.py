@@ -206,7 +206,8 @@ def _output(p, x, out, inputs):
         y, y3, finish, reused = p.new_output(x)
         return y, y3, finish, not reused
     y = _check_out(out, x, inputs=inputs)
-    y3, finish = p.output(y)
+    # a subclass is written through a plain view of its memory: reshaped, np.matrix stays 2-D
+    y3, finish = p.output(y if type(y) is np.ndarray else y.view(np.ndarray))
     return y, y3, finish, finish is not None
 
 
@@ -691,20 +692,23 @@ def _moments(p, x3, method, ddof=0):
         var = np.empty(p.C)
         (hi, lo, m2), counts = _reduce(p, "moments", (x3,), (), nout=3)
         _merge.merge_moments(hi.size, counts, hi, lo, m2, mean, var, float(ddof))
-    return _infinite_means(p, x3, mean), var
+    return _nonfinite_means(p, x3, mean, var)
 
 
-def _infinite_means(p, x3, mean):
-    """``mean`` with the mean of each channel that holds infinities of one sign (and no NaN)
-    set to that infinity, as ``sum / L`` gives (and PyTorch): the shifted sums and merges see
-    ``inf - inf`` there and give NaN.  Only channels whose mean is NaN are summed again."""
-    bad = np.isnan(mean)
+def _nonfinite_means(p, x3, mean, var):
+    """``(mean, var)`` with the channels whose mean came out NaN or infinite summed again
+    unshifted, each value scaled by ``1 / L``, as ``merge.unshifted`` says: channels with
+    infinities of one sign get that infinity (the shifted sums and merges see ``inf - inf``),
+    finite values whose sums overflowed their mean and an infinite variance."""
+    bad = ~np.isfinite(mean)
     if bad.any():
         axes = (0,) if p.channels_last else (0, 2)
         sub = x3[:, bad] if p.channels_last else x3[:, bad, :]
         with np.errstate(invalid="ignore", over="ignore"):
-            mean[bad] = np.sum(sub, axis=axes, dtype=np.float64) / (x3.size // p.C)
-    return mean
+            t = np.sum(np.multiply(sub, 1.0 / (x3.size // p.C), dtype=np.float64), axis=axes)
+        mean[bad] = t
+        var[bad] = np.where(np.isfinite(t), np.inf, var[bad])
+    return mean, var
 
 
 def _affine(p, x3, y3, center, var, weight, bias, eps, lo, count=0, fresh=False):

@@ -173,7 +173,13 @@ class BatchNorm:
                 continue
             v = state_dict[k]
             if hasattr(v, "detach"):  # a torch tensor
-                v = v.detach().cpu().numpy()
+                v = v.detach().cpu()
+                try:
+                    v = v.numpy()
+                except TypeError as e:  # a type NumPy lacks
+                    if not v.is_floating_point():
+                        raise TypeError(f"{k}: {e}") from None
+                    v = v.float().numpy()  # bfloat16 (or float8) widens to float32 exactly
             v = np.asarray(v)
             if k == "num_batches_tracked":
                 if v.shape not in ((), (1,)) or v.dtype.kind not in "iu":

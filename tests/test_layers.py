@@ -325,6 +325,24 @@ def test_load_state_dict_from_torch():
     assert int(layer.num_batches_tracked) == 11
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_load_state_dict_from_narrow_torch_tensors(dtype):
+    """Tensors of a type NumPy lacks (bfloat16) load through float32, exactly, as float16 ones
+    do through NumPy."""
+    torch = pytest.importorskip("torch")
+    m = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        m.weight.uniform_()
+        m.running_mean.uniform_(-1, 1)
+        m.running_var.uniform_(1, 2)
+    m = m.to(getattr(torch, dtype))
+    layer = fastbn.BatchNorm2d(3)
+    layer.load_state_dict(m.state_dict())
+    for k, v in m.state_dict().items():
+        want = v.float().numpy() if v.is_floating_point() else v.numpy()
+        np.testing.assert_array_equal(np.asarray(layer.state_dict()[k]), want, err_msg=k)
+
+
 # --------------------------------------------------------------------------------------------
 # save / load (.npz, never pickle)
 # --------------------------------------------------------------------------------------------

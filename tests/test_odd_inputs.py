@@ -732,25 +732,42 @@ def test_far_from_unit_scale(dtype, log2k, shape, axis):
     assert_close(db, rdb, dt, name="dbias")
 
 
-@pytest.mark.parametrize("log2k", [520, 700, 1000])
-@pytest.mark.parametrize("shape, axis", [((4, 3, 5, 5), 1), ((16, 32, 32, 3), -1)])
+@pytest.mark.parametrize("log2k", [520, 700, 1000, 1015, 1019])
+@pytest.mark.parametrize("shape, axis", [((4, 3, 5, 5), 1), ((16, 32, 32, 3), -1),
+                                         ((8, 4, 64, 64), 1)])
 def test_float64_variance_overflow_is_inf_not_nan(shape, axis, log2k):
-    """float64 data with a spread of 2**520 .. 2**1000: the variance (~2**1040 .. 2**2000) is
+    """float64 data with a spread of 2**520 .. 2**1019: the variance (~2**1040 .. 2**2038) is
     beyond float64, so +inf is its correctly rounded value (as for float32 near its maximum,
-    test_numerics.test_near_float32_max); NaN is not.  The mean is finite and accurate."""
+    test_numerics.test_near_float32_max); NaN is not.  The mean is finite and accurate, also
+    from 2**1015, where the sums of the values or of their deviations overflow (summed again
+    scaled, see merge.unshifted)."""
     k = 2.0 ** log2k
     x1 = inputs._randn(inputs.rng_for("f64-huge", shape, axis), shape, axis, np.float64)
     x = x1 * k
     rmean, _ = ref.channel_stats(x1, axis)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        for method in ("two_pass", "welford"):
+        for method in ("two_pass", "welford", "auto"):
             mean, var = _call(fastbn.channel_stats, x, axis=axis, method=method)
             assert_close(mean / k, rmean, np.float64, name=f"mean / k ({method})")
             assert np.all(np.isposinf(var)), f"var ({method}): {var}"
         y, mean, invstd = _call(fastbn.batch_norm_train, x, axis=axis)
     assert np.all(invstd == 0), invstd
     assert not np.isnan(y).any(), "y has NaN for finite input"
+    assert_close(mean / k, rmean, np.float64, name="batch mean / k")
+
+
+def test_float64_halves_near_the_maximum():
+    """Two halves at +-1e306: every shifted sum of deviations (2e306 each) overflows; the mean
+    is 0 and the variance (1e612) beyond float64, as for any spread that wide."""
+    x = np.empty((1, 1, 300))
+    x[..., :150] = 1e306
+    x[..., 150:] = -1e306
+    for method in ("two_pass", "welford", "auto"):
+        mean, var = fastbn.channel_stats(x, method=method)
+        assert abs(mean[0]) < 1e292 and np.isposinf(var[0]), (method, mean, var)
+    y, mean, invstd = fastbn.batch_norm_train(x)
+    assert abs(mean[0]) < 1e292 and invstd[0] == 0 and np.all(y == 0), (mean, invstd)
 
 
 # A channel axis of size 1 whose values are not adjacent in memory (a channel cut from a wider
@@ -791,3 +808,27 @@ def test_single_channel_with_gaps(kind, dtype):
     fastbn.batch_norm_infer(xc, rm, rv, axis=axis, out=out)
     assert_close(out, ref.batch_norm_infer(xc, rm, rv, axis=axis), dtype, name="out")
     assert not holder[..., 1].any()
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_out_may_be_an_ndarray_subclass(axis):
+    """``out=`` an ndarray subclass is filled as a plain array would be and returned as given:
+    an ``np.matrix`` stays 2-D when reshaped, and the kernels must not see it as such."""
+    x = np.arange(12, dtype=np.float32).reshape(4, 3) * 0.5 + 1
+    dy = np.cos(x)
+    C = x.shape[axis]
+    rm, rv = np.full(C, 0.5, np.float32), np.full(C, 2.0, np.float32)
+    out = np.matrix(np.zeros_like(x))
+    got = fastbn.batch_norm_infer(x, rm, rv, axis=axis, out=out)
+    assert got is out
+    assert_close(np.asarray(out), ref.batch_norm_infer(x, rm, rv, axis=axis), np.float32)
+    out = np.matrix(np.zeros_like(x))
+    y, mean, invstd = fastbn.batch_norm_train(x, axis=axis, out=out)
+    assert y is out
+    assert_close(np.asarray(out), ref.batch_norm_train(x, axis=axis)[0], np.float32)
+    out = np.matrix(np.zeros_like(x))
+    dx, _, _ = fastbn.batch_norm_backward(dy, x, mean, invstd, axis=axis, out=out)
+    assert dx is out
+    rdx = ref.batch_norm_backward(dy, x, mean, invstd, None, axis)[0]
+    assert_close(np.asarray(out), rdx, np.float32)
+    np.testing.assert_array_equal(np.asarray(out), fastbn.batch_norm_backward(dy, x, mean, invstd, axis=axis)[0])

@@ -21,7 +21,7 @@ import numpy as np
 
 from .._config import SMALL_PARALLEL_FROM, helper, kernel
 from .merge import (affine_fits32, affine_params, bwd_coefficients, bwd_fits32, chan,
-                    narrow_centre)
+                    narrow_centre, unshifted)
 from .simd import (affine_run, affine_run_nt, at, block_bwd_sums, block_moments, block_moments32,
                    bwd_apply_run, bwd_apply_run_nt, fence)
 
@@ -403,16 +403,19 @@ def _channel_result(x, c, hi, d1, d2):
     N, C, S = x.shape
     L = float(N * S)
     m = hi + d1 / L
-    if m != m:
-        # Infinities of one sign (and no NaN) in the channel: the shifted sums saw inf - inf;
-        # the plain sum gives that infinity, as sum / L does (and PyTorch).  Here rather than
-        # by NumPy afterwards, whose test for NaN means cost 1.5 us of a 5 us call.
+    m2 = _m2(d1, d2, L)
+    if not abs(m) < math.inf:
+        # Infinities or NaN in the channel (the shifted sums saw inf - inf, or reached the
+        # infinity), or finite values whose deviations overflowed: summed again unshifted, see
+        # merge.unshifted.  Here rather than by NumPy afterwards, whose test for NaN means cost
+        # 1.5 us of a 5 us call.
+        inv = 1.0 / L
         t = 0.0
         for n in range(N):
             for s in range(S):
-                t += x[n, c, s]
-        m = t / L
-    return m, _m2(d1, d2, L)
+                t += x[n, c, s] * inv
+        m, m2 = unshifted(t, m2)
+    return m, m2
 
 
 @helper

@@ -13,7 +13,7 @@ import numpy as np
 
 from .._config import SMALL_PARALLEL_FROM, helper, kernel
 from .channels_first import _m2, _rows
-from .merge import affine_params, bwd_coefficients, bwd_fits32, narrow_centre
+from .merge import affine_params, bwd_coefficients, bwd_fits32, narrow_centre, unshifted
 from .simd import (affine_rows, affine_rows_nt, at, bwd_apply_rows, bwd_apply_rows_nt,
                    column_bwd_sums, column_moments, fence)
 
@@ -227,13 +227,15 @@ def _block_moments(x, c0, c1, mean, m2):
     for c in range(c0, c1):
         d1 = mean[c]
         m = np.float64(x[0, c]) + d1 / M
-        if m != m:  # infinities in the column: see channels_first._channel_moments
+        s = _m2(d1, m2[c], float(M))
+        if not abs(m) < math.inf:  # see channels_first._channel_result
+            inv = 1.0 / M
             t = 0.0
             for r in range(M):
-                t += x[r, c]
-            m = t / M
+                t += x[r, c] * inv
+            m, s = unshifted(t, s)
         mean[c] = m
-        m2[c] = _m2(d1, m2[c], float(M))
+        m2[c] = s
 
 
 @kernel(exact=True, serial_below=2 * SMALL_PARALLEL_FROM)
@@ -330,7 +332,7 @@ def backward_small(x, dy, mu, invstd, weight, training, narrow, dx, grads):
             par[1, c] = a
             par[2, c] = q
             par[3, c] = r
-            fits = fits and bwd_fits32(par[0, c], a, q, r, istd, L)
+            fits &= bwd_fits32(par[0, c], a, q, r, istd, L)
         src = (at(x, (0, c0)), at(dy, (0, c0)))
         dst = at(dx, (0, c0))
         if not training:

@@ -186,6 +186,20 @@ def narrow_centre(m, q, r):
 
 
 @helper(exact=True)
+def unshifted(t, m2):
+    """``(mean, m2)`` of a channel whose shifted sums gave a mean that is NaN or infinite,
+    from ``t``, the sum of its values each scaled by ``1 / L`` (which finite values cannot
+    overflow).  A finite ``t`` means finite values so far apart that the sums of their
+    deviations overflowed: ``t`` is the mean, and the variance is beyond float64's range
+    (deviations summing past 1.8e308 over ``L`` values make ``M2 / L`` exceed it for any ``L``
+    below 1e100).  Else the channel holds infinities or NaN: ``t`` is what ``sum / L`` gives
+    (the infinity, or NaN; PyTorch's saved mean alike) and ``m2`` stays."""
+    if abs(t) < math.inf:
+        return t, math.inf
+    return t, m2
+
+
+@helper(exact=True)
 def stats_out(mean, var, out):
     """``out[0] = mean``, ``out[1] = var`` in ``out``'s type (a float32 beyond the range is
     inf, silently as it should be): one call where two NumPy casts under ``np.errstate`` cost
