@@ -24,7 +24,7 @@ STREAMED = [((4, 8, 40, 40), 1), ((8, 5, 1000), 1), ((300, 2048), -1), ((40, 5, 
 # (12, 32, 32, 3): three channels, whose rows are viewed 32 (float64: 24) at a time as rows of
 # whole lines (functional._cl_parts)
 ALIGNED = [((2048, 64), -1), ((64, 32, 128), 1), ((12, 32, 32, 3), -1)]
-REFUSED = [((48, 16, 7, 7), 1), ((64, 602), -1)]
+REFUSED = [((48, 16, 7, 7), 1), ((600, 100), -1)]
 
 
 def _spy(monkeypatch, module, name, seen):

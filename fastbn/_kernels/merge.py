@@ -210,6 +210,15 @@ def stats_out(mean, var, out):
 
 
 @helper(exact=True)
+def grads_out(sums, istd, out):
+    """``out[0] = sums[1] * istd`` (``dweight``), ``out[1] = sums[0]`` (``dbias``) in
+    ``out``'s type, as :func:`stats_out` (1.7 us in NumPy)."""
+    for c in range(sums.shape[1]):
+        out[0, c] = sums[1, c] * istd[c]
+        out[1, c] = sums[0, c]
+
+
+@helper(exact=True)
 def saved_stats(mean, var, eps, out):
     """``out[0] = mean``, ``out[1] = 1 / sqrt(var + eps)`` in ``out``'s type: what the forward
     pass saves for the backward pass, in one call instead of five NumPy ones (4 us)."""
