@@ -132,6 +132,22 @@ def test_readme_table_script(quick):
     assert doc["machine"]["cpu"] in md
 
 
+def test_ceilings_script(quick):
+    _, doc, js, _ = quick
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "ceilings.py"), str(js)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    cases = [r for r in doc["results"] if r.get("torch_s") and r.get("copy_s") and r.get("fastbn_s")]
+    per_case = [ln for ln in lines if ln.startswith(tuple(r["label"] for r in cases))]
+    assert len(per_case) == len(cases)
+    for r, ln in zip(cases, per_case):
+        # PyTorch's time over the least traffic at copy bandwidth (backward: 3 bytes, copy: 2)
+        floor = r["copy_s"] * {"infer": 2, "train": 2, "backward": 3, "stats": 1}[r["op"]] / 2
+        assert float(ln.split()[-1].rstrip("x")) == pytest.approx(r["torch_s"] / floor, abs=0.006)
+    assert any(ln.startswith("backward") for ln in lines[lines.index("") + 1:])
+
+
 def test_adhoc_shape_runs():
     proc = run_cli("--shapes", "4,8,16,16:1,mlp", "--ops", "infer,stats", "--repeat", "3",
                    "--budget", "0", "--no-progress", "--no-onnx")
