@@ -12,6 +12,9 @@ commands:
 
 
 def _info(argv):
+    if argv:
+        print(f"python -m fastbn info: takes no arguments, got {' '.join(argv)}", file=sys.stderr)
+        return 2
     import fastbn
 
     for key, value in fastbn.info().items():

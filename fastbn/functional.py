@@ -689,7 +689,11 @@ def _moments(p, x3, method, ddof=0):
         d1, d2 = _merged_sums(parts)
         # The sum of deviations from the computed mean corrects that mean's rounding error.
         with np.errstate(over="ignore", invalid="ignore"):  # spreads beyond float64: see below
-            mean, var = mean + d1 / L, _overflowed((d2 - d1 * d1 / L) / (L - ddof), d1)
+            m, var = mean + d1 / L, _overflowed((d2 - d1 * d1 / L) / (L - ddof), d1)
+        bad = ~np.isfinite(mean)
+        if bad.any():  # the sum overflowed, or the channel holds infinities or NaN
+            m[bad], var[bad] = _scaled_two_pass(p, x3, bad, ddof)
+        mean = m
     elif _fuse_stats(p, x3):  # the kernel sets infinite means itself
         out = np.empty((2, p.C))
         _family(p).stats_small(_items_size(p, x3), x3, L - ddof, out)
@@ -706,16 +710,41 @@ def _nonfinite_means(p, x3, mean, var):
     """``(mean, var)`` with the channels whose mean came out NaN or infinite summed again
     unshifted, each value scaled by ``1 / L``, as ``merge.unshifted`` says: channels with
     infinities of one sign get that infinity (the shifted sums and merges see ``inf - inf``),
-    finite values whose sums overflowed their mean and an infinite variance."""
+    finite values whose sums of deviations overflowed their mean and an infinite variance (the
+    two-pass method has already replaced a mean whose plain sum overflowed, see
+    :func:`_moments`)."""
     bad = ~np.isfinite(mean)
     if bad.any():
-        axes = (0,) if p.channels_last else (0, 2)
-        sub = x3[:, bad] if p.channels_last else x3[:, bad, :]
-        with np.errstate(invalid="ignore", over="ignore"):
-            t = np.sum(np.multiply(sub, 1.0 / (x3.size // p.C), dtype=np.float64), axis=axes)
+        t = _scaled_means(p, x3, bad)
         mean[bad] = t
         var[bad] = np.where(np.isfinite(t), np.inf, var[bad])
     return mean, var
+
+
+def _scaled_two_pass(p, x3, channels, ddof):
+    """Two-pass mean and variance of the ``channels`` (a mask) of the kernel view whose plain
+    sum overflowed: the mean from values scaled by ``1 / L``, the deviations from it scaled by
+    2**-512 (exactly), so that neither their sum nor their squares overflow; only a variance
+    beyond float64 comes out infinite.  Rare (magnitudes near 1e306), so in NumPy."""
+    L = x3.size // p.C
+    m0 = _scaled_means(p, x3, channels)
+    axes, shape = ((0,), (1, -1)) if p.channels_last else ((0, 2), (1, -1, 1))
+    sub = x3[:, channels] if p.channels_last else x3[:, channels, :]
+    with np.errstate(invalid="ignore", over="ignore"):
+        d = (sub - m0.reshape(shape)) * 2.0 ** -512
+        d1 = d.sum(axis=axes)
+        d2 = (d * d).sum(axis=axes)
+        up = 2.0 ** 512
+        return m0 + d1 / L * up, (d2 - d1 * d1 / L) / (L - ddof) * up * up
+
+
+def _scaled_means(p, x3, channels):
+    """The means of the ``channels`` (a mask) of the kernel view as sums of the values each
+    scaled by ``1 / L`` first, which finite values cannot overflow."""
+    axes = (0,) if p.channels_last else (0, 2)
+    sub = x3[:, channels] if p.channels_last else x3[:, channels, :]
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.sum(np.multiply(sub, 1.0 / (x3.size // p.C), dtype=np.float64), axis=axes)
 
 
 def _affine(p, x3, y3, center, var, weight, bias, eps, lo, count=0, fresh=False):

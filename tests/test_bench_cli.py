@@ -148,6 +148,12 @@ def test_ceilings_script(quick):
     assert any(ln.startswith("backward") for ln in lines[lines.index("") + 1:])
 
 
+def test_info_command():
+    from fastbn.__main__ import main
+    assert main(["info"]) == 0
+    assert main(["info", "--bogus"]) == 2
+
+
 def test_adhoc_shape_runs():
     proc = run_cli("--shapes", "4,8,16,16:1,mlp", "--ops", "infer,stats", "--repeat", "3",
                    "--budget", "0", "--no-progress", "--no-onnx")

@@ -810,6 +810,17 @@ def test_single_channel_with_gaps(kind, dtype):
     assert not holder[..., 1].any()
 
 
+@pytest.mark.parametrize("shape", [(1000, 1), (8, 3, 50), (64, 4, 64, 64)])
+def test_float64_constant_channels_whose_sum_overflows(shape):
+    """Every value 1e307: the plain sum (two-pass method) overflows, the deviations are all 0;
+    the mean is 1e307 and the variance 0 by every method."""
+    x = np.full(shape, 1e307)
+    for method in ("two_pass", "welford", "auto"):
+        mean, var = fastbn.channel_stats(x, method=method)
+        assert_close(mean, np.full(shape[1], 1e307), np.float64, name=f"mean ({method})")
+        assert np.all(var == 0), (method, var)
+
+
 @pytest.mark.parametrize("axis", [0, 1])
 def test_out_may_be_an_ndarray_subclass(axis):
     """``out=`` an ndarray subclass is filled as a plain array would be and returned as given:
