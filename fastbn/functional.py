@@ -728,10 +728,9 @@ def _scaled_two_pass(p, x3, channels, ddof):
     beyond float64 comes out infinite.  Rare (magnitudes near 1e306), so in NumPy."""
     L = x3.size // p.C
     m0 = _scaled_means(p, x3, channels)
-    axes, shape = ((0,), (1, -1)) if p.channels_last else ((0, 2), (1, -1, 1))
-    sub = x3[:, channels] if p.channels_last else x3[:, channels, :]
+    sub, axes = _channel_values(p, x3, channels)
     with np.errstate(invalid="ignore", over="ignore"):
-        d = (sub - m0.reshape(shape)) * 2.0 ** -512
+        d = (sub - np.expand_dims(m0, axes)) * 2.0 ** -512
         d1 = d.sum(axis=axes)
         d2 = (d * d).sum(axis=axes)
         up = 2.0 ** 512
@@ -741,10 +740,16 @@ def _scaled_two_pass(p, x3, channels, ddof):
 def _scaled_means(p, x3, channels):
     """The means of the ``channels`` (a mask) of the kernel view as sums of the values each
     scaled by ``1 / L`` first, which finite values cannot overflow."""
-    axes = (0,) if p.channels_last else (0, 2)
-    sub = x3[:, channels] if p.channels_last else x3[:, channels, :]
+    sub, axes = _channel_values(p, x3, channels)
     with np.errstate(invalid="ignore", over="ignore"):
         return np.sum(np.multiply(sub, 1.0 / (x3.size // p.C), dtype=np.float64), axis=axes)
+
+
+def _channel_values(p, x3, channels):
+    """The ``channels`` (a mask) of the kernel view, and the axes that hold their values."""
+    if p.channels_last:
+        return x3[:, channels], (0,)
+    return x3[:, channels, :], (0, 2)
 
 
 def _affine(p, x3, y3, center, var, weight, bias, eps, lo, count=0, fresh=False):

@@ -21,9 +21,9 @@ import argparse
 import json
 import math
 
+from make_readme_table import OP_TITLES  # this script's folder is on the path when run
+
 FLOOR_BYTES = {"infer": 2, "train": 2, "backward": 3, "stats": 1}
-OP_TITLES = {"train": "forward-train", "infer": "inference", "backward": "backward",
-             "stats": "channel stats"}
 
 
 def geomean(values):

@@ -332,7 +332,7 @@ def backward_small(x, dy, mu, invstd, weight, training, narrow, dx, grads):
             par[1, c] = a
             par[2, c] = q
             par[3, c] = r
-            fits &= bwd_fits32(par[0, c], a, q, r, istd, L)
+            fits = fits and bwd_fits32(par[0, c], a, q, r, istd, L)
         src = (at(x, (0, c0)), at(dy, (0, c0)))
         dst = at(dx, (0, c0))
         if not training:
