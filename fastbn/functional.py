@@ -373,8 +373,12 @@ def _cl_reduction(name, x2):
     return name
 
 
-def _cf_flat_items(size):
-    return max(1, -(-size // _config.CHUNK))
+@_memo_tiles
+def _cf_row_tiles(S):
+    """``(RB, SB)``: tiles of ``RB`` runs by ``SB`` positions, about a chunk each, for the
+    channels-first elementwise kernels; runs longer than a chunk are split evenly."""
+    SB = -(-S // -(-S // _config.CHUNK))
+    return max(1, _config.CHUNK // SB), SB
 
 
 # Channels-last tensors whose blocks of 64 channels over every row stay this small (per array)
@@ -650,7 +654,7 @@ def _elementwise(p, name, inputs, params, scalars, out3, fresh=False):
     per-channel ``params``."""
     if not p.channels_last:
         x3 = inputs[0]
-        getattr(_cf, name)(x3.size, *inputs, *params, *scalars, out3, _cf_flat_items(x3.size),
+        getattr(_cf, name)(x3.size, *inputs, *params, *scalars, out3, *_cf_row_tiles(x3.shape[2]),
                            _cf_nt(out3, fresh))
         return
     big = _nt(out3, fresh)

@@ -305,70 +305,65 @@ def bwd_sums_short(x, dy, mu, R, W, SB, sg, sgx):
 
 
 @helper
-def _flat_start(i, S, C):
-    """``n``, ``c`` and ``s`` of flat position ``i`` in a ``(N, C, S)`` array.  Kernels find
-    the first run of their range with this and step run by run from there: two integer
-    divisions per run cost as much as a 49-element run itself."""
-    row = i // S
-    n = row // C
-    return n, row - n * C, i - row * S
+def _row_items(x, RB, SB):
+    """Work items of an elementwise pass over the ``(N * C, S)`` rows of ``x``: tiles of ``RB``
+    rows by ``SB`` positions."""
+    N, C, S = x.shape
+    return ((N * C + RB - 1) // RB) * ((S + SB - 1) // SB)
 
 
 @helper
-def _flat_next(n, c, C):
-    c += 1
-    if c == C:
-        return n + 1, 0
-    return n, c
-
-
-@kernel(exact=True)
-def affine(x, center, scale, shift, lo, y, K, nt):
-    """Elementwise ``y = max((x - center[c]) * scale[c] + shift[c], lo)``, in ``K`` equal
-    ranges of flat positions; ``nt``: stream ``y`` past the cache (see simd)."""
+def _row_tile(it, x, RB, SB):
+    """Rows ``[r0, r1)`` (``r = n * C + c``) and positions ``[s0, s0 + m)`` of work item ``it``:
+    the same run length ``m`` for each row of the tile."""
     N, C, S = x.shape
-    T = N * C * S
-    for k in numba.prange(K):
-        i = k * T // K
-        i1 = (k + 1) * T // K
-        n, c, s = _flat_start(i, S, C)
-        while i < i1:
-            m = min(S - s, i1 - i)
-            src = (at(x, (n, c, s)),)
-            dst = at(y, (n, c, s))
-            par = (center[c], scale[c], shift[c], lo)
-            if nt:
-                affine_run_nt(src, dst, m, par)
-            else:
-                affine_run(src, dst, m, par)
-            i += m
-            s = 0
-            n, c = _flat_next(n, c, C)
+    KS = (S + SB - 1) // SB
+    kr = it // KS
+    r0 = kr * RB
+    s0 = (it - kr * KS) * SB
+    return r0, min(N * C, r0 + RB), s0, min(S, s0 + SB) - s0
+
+
+# Elementwise passes walk each tile with nested loops over n and c, each run of the same length:
+# stepping (n, c) by hand with a wrap test, or giving each run its own length (tiles of flat
+# positions), measured 1.3x slower on data streamed from memory and up to 1.2x in cache
+# ((32, 256, 196) float32 inference kernel, 1 thread, cache flushed: 428 -> 321 us; (64, 512, 49)
+# in cache 160 -> 122 us), though each thread reads the same stream either way.
+@kernel(exact=True)
+def affine(x, center, scale, shift, lo, y, RB, SB, nt):
+    """Elementwise ``y = max((x - center[c]) * scale[c] + shift[c], lo)`` in tiles of ``RB``
+    rows by ``SB`` positions; ``nt``: stream ``y`` past the cache (see simd)."""
+    C = x.shape[1]
+    for it in numba.prange(_row_items(x, RB, SB)):
+        r0, r1, s, m = _row_tile(it, x, RB, SB)
+        for n in range(r0 // C, (r1 - 1) // C + 1):
+            for c in range(max(0, r0 - n * C), min(C, r1 - n * C)):
+                src = (at(x, (n, c, s)),)
+                dst = at(y, (n, c, s))
+                par = (center[c], scale[c], shift[c], lo)
+                if nt:
+                    affine_run_nt(src, dst, m, par)
+                else:
+                    affine_run(src, dst, m, par)
         if nt:
             fence()
 
 
 @kernel(exact=True)
-def bwd_apply(x, dy, mu, a, q, r, dx, K, nt):
-    """Elementwise ``dx = a[c] * (dy + q[c] * (x - mu[c]) + r[c])``, in ``K`` flat ranges."""
-    N, C, S = x.shape
-    T = N * C * S
-    for k in numba.prange(K):
-        i = k * T // K
-        i1 = (k + 1) * T // K
-        n, c, s = _flat_start(i, S, C)
-        while i < i1:
-            m = min(S - s, i1 - i)
-            src = (at(x, (n, c, s)), at(dy, (n, c, s)))
-            dst = at(dx, (n, c, s))
-            par = (mu[c], a[c], q[c], r[c])
-            if nt:
-                bwd_apply_run_nt(src, dst, m, par)
-            else:
-                bwd_apply_run(src, dst, m, par)
-            i += m
-            s = 0
-            n, c = _flat_next(n, c, C)
+def bwd_apply(x, dy, mu, a, q, r, dx, RB, SB, nt):
+    """Elementwise ``dx = a[c] * (dy + q[c] * (x - mu[c]) + r[c])``, tiled as :func:`affine`."""
+    C = x.shape[1]
+    for it in numba.prange(_row_items(x, RB, SB)):
+        r0, r1, s, m = _row_tile(it, x, RB, SB)
+        for n in range(r0 // C, (r1 - 1) // C + 1):
+            for c in range(max(0, r0 - n * C), min(C, r1 - n * C)):
+                src = (at(x, (n, c, s)), at(dy, (n, c, s)))
+                dst = at(dx, (n, c, s))
+                par = (mu[c], a[c], q[c], r[c])
+                if nt:
+                    bwd_apply_run_nt(src, dst, m, par)
+                else:
+                    bwd_apply_run(src, dst, m, par)
         if nt:
             fence()
 

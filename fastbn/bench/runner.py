@@ -398,8 +398,14 @@ def _time_round_robin(fns: dict, *, budget: float, repeat: int, result: CaseResu
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
+        names = list(fns)
         for rnd in range(max(counts.values(), default=0)):
-            for name, fn in fns.items():
+            # The order rotates every round: a call runs faster right after one that left its
+            # data in cache and both cores awake than after one that flushed the cache or idled a
+            # core, so a fixed order would favour whoever always follows the same neighbour.
+            shift = rnd % len(names)
+            for name in names[shift:] + names[:shift]:
+                fn = fns[name]
                 if rnd >= counts[name]:
                     continue
                 # One untimed call first: it absorbs the hand-over from the previous contender
