@@ -355,3 +355,21 @@ def test_per_round_ratio_quartiles_tell_ties_from_leads():
     c.samples["torch"] = [0.7 + 0.01 * i for i in range(12)]
     assert c.standing("torch") == "behind"
     assert runner.CaseResult(spec, "infer").standing("torch") is None
+
+
+def test_round_robin_rotates_the_order():
+    """No contender always follows the same one: a call runs faster after one that left its
+    data in cache than after one that evicted it, so a fixed order would favour a fixed
+    neighbour.  Each timed call is preceded by an untimed one of the same contender."""
+    log = []
+    fns = {name: (lambda name=name: log.append(name)) for name in ("a", "b", "c")}
+    res = runner.CaseResult(suite.SUITE[0], "infer")
+    runner._time_round_robin(fns, budget=1.0, repeat=6, result=res)
+    assert {n: len(v) for n, v in res.samples.items()} == {"a": 6, "b": 6, "c": 6}
+    timed = log[6:]  # two warm-up calls each first
+    assert all(timed[i] == timed[i + 1] for i in range(0, len(timed), 2))  # untimed, then timed
+    order = timed[::2]
+    rounds = [tuple(order[i:i + 3]) for i in range(0, len(order), 3)]
+    assert rounds[:3] == [("a", "b", "c"), ("b", "c", "a"), ("c", "a", "b")]
+    predecessors = {(order[i - 1], order[i]) for i in range(1, len(order))}
+    assert {p for p in predecessors if p[1] == "a"} == {("b", "a"), ("c", "a")}

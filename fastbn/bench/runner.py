@@ -3,8 +3,10 @@
 Method (shared/PERFORMANCE.md):
 
 * Every contender is called once untimed first (fastbn compiles on its first call), then timed
-  calls run round-robin -- fastbn, PyTorch, NumPy, [ONNX Runtime,] copy, fastbn, PyTorch, ... --
-  so machine drift hits every contender alike. Medians are reported.
+  calls run round-robin -- fastbn, PyTorch, NumPy, [ONNX Runtime,] copy, then PyTorch, NumPy,
+  ..., copy, fastbn: the order rotates every round -- so machine drift hits every contender
+  alike, and so does the state the previous contender leaves (its data evicting ours from the
+  cache, a core it left idle). Medians are reported.
 * The number of timed calls adapts to a time budget: each contender gets
   ``clamp(budget / warm time, min_repeat, repeat)`` calls, so small shapes get many samples and
   slow baselines do not blow the run time.
@@ -857,7 +859,8 @@ def to_json(rr: RunResult) -> dict:
         "machine": rr.machine,
         "peers": {k: {"available": v is None, "reason": v} for k, v in rr.peers.items()},
         "method": {
-            "timing": "untimed warm-up call, then round-robin timed calls; medians",
+            "timing": "untimed warm-up call, then round-robin timed calls, the order rotating "
+                      "every round; medians",
             "quartiles": "of peer/fastbn per round (calls back to back); standing: ahead or "
                          "behind where both quartiles lie on one side of 1, else tie",
             "torch": "torch.ops.aten.native_batch_norm / native_batch_norm_backward; "
