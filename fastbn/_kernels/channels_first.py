@@ -22,8 +22,9 @@ import numpy as np
 from .._config import SMALL_PARALLEL_FROM, helper, kernel
 from .merge import (affine_fits32, affine_params, bwd_coefficients, bwd_fits32, chan,
                     narrow_centre, unshifted)
-from .simd import (affine_run, affine_run_nt, at, block_bwd_sums, block_moments, block_moments32,
-                   bwd_apply_run, bwd_apply_run_nt, fence)
+from .simd import (affine_run, affine_run_nt, at, block_bwd_sums, block_bwd_sums_pf, block_moments,
+                   block_moments32, block_moments32_pf, block_moments_pf, bwd_apply_run,
+                   bwd_apply_run_nt, fence)
 
 
 @helper
@@ -117,30 +118,41 @@ def _first_means(x):
     return out
 
 
-@helper(inline=True)
-def _moments32(x, n0, c, s0, n, nrows, h):
-    """``(h, d1, d2)``: a shift and the sums of ``x - h`` and of its square over ``nrows`` runs
-    of ``n`` values of channel ``c`` from ``x[n0, c, s0]``, float32 data (``h`` the caller's
-    float32-representable guess).
+def _moments32_with(lanes32, lanes64, name):
+    """``_moments32`` over the block sums ``lanes32`` and ``lanes64`` (simd intrinsics)."""
 
-    In float32 lanes (simd.block_moments32, half the vector work of float64 lanes, which is the
-    bound on cache-resident data: (4096, 1, 512) 236 -> 144 us) where :func:`_sound32` says the
-    sums can be trusted; else again in float64 lanes, about the mean found if that is finite
-    (``h`` was off by over a standard deviation), else about the block's first value.  Float32
-    means and variances stay within a unit in the last place of the float64 lanes' (1e-8..1e-7
-    relative in the variance on normal, skewed, sorted, padded and offset data).  One call of
-    each intrinsic: a second float32 attempt made the helper too large to inline."""
-    ptr = (at(x, (n0, c, s0)),)
-    rs = (_rows(x),)
-    L = float(n * nrows)
-    d1, d2 = block_moments32(ptr, n, nrows, rs, (h,))
-    if _sound32(d1, d2, L):
+    def moments32(x, n0, c, s0, n, nrows, h):
+        """``(h, d1, d2)``: a shift and the sums of ``x - h`` and of its square over ``nrows`` runs
+        of ``n`` values of channel ``c`` from ``x[n0, c, s0]``, float32 data (``h`` the caller's
+        float32-representable guess).
+
+        In float32 lanes (simd.block_moments32, half the vector work of float64 lanes, which is the
+        bound on cache-resident data: (4096, 1, 512) 236 -> 144 us) where :func:`_sound32` says the
+        sums can be trusted; else again in float64 lanes, about the mean found if that is finite
+        (``h`` was off by over a standard deviation), else about the block's first value.  Float32
+        means and variances stay within a unit in the last place of the float64 lanes' (1e-8..1e-7
+        relative in the variance on normal, skewed, sorted, padded and offset data).  One call of
+        each intrinsic: a second float32 attempt made the helper too large to inline."""
+        ptr = (at(x, (n0, c, s0)),)
+        rs = (_rows(x),)
+        L = float(n * nrows)
+        d1, d2 = lanes32(ptr, n, nrows, rs, (h,))
+        if _sound32(d1, d2, L):
+            return h, d1, d2
+        h = h + d1 / L
+        if not abs(h) < math.inf:
+            h = np.float64(x[n0, c, s0])
+        d1, d2 = lanes64(ptr, n, nrows, rs, (h,))
         return h, d1, d2
-    h = h + d1 / L
-    if not abs(h) < math.inf:
-        h = np.float64(x[n0, c, s0])
-    d1, d2 = block_moments(ptr, n, nrows, rs, (h,))
-    return h, d1, d2
+
+    # its own name: Numba's cache files are named after the function
+    moments32.__name__ = moments32.__qualname__ = name
+    return helper(inline=True)(moments32)
+
+
+_moments32 = _moments32_with(block_moments32, block_moments, "_moments32")
+# for the tiles of tensors streamed from memory (see simd.PREFETCH_LINES)
+_moments32_pf = _moments32_with(block_moments32_pf, block_moments_pf, "_moments32_pf")
 
 
 @helper
@@ -275,7 +287,7 @@ def _first_value_block(x, n0, c, s0, n, nrows, shift):
 
 @helper(inline=True)
 def _lanes32_block(x, n0, c, s0, n, nrows, shift):
-    return _moments32(x, n0, c, s0, n, nrows, shift[c])
+    return _moments32_pf(x, n0, c, s0, n, nrows, shift[c])
 
 
 _MOMENTS_SHORT_DOC = """:func:`moments` for short runs: each channel of a tile in one shifted pass
@@ -300,8 +312,8 @@ def bwd_sums_short(x, dy, mu, R, W, SB, sg, sgx):
     for it in numba.prange(_items(x, R, W, SB)):
         k, n0, n1, c0, c1, a0, a1 = _tile(it, x, R, W, SB)
         for c in range(c0, c1):
-            sg[k, c], sgx[k, c] = block_bwd_sums((at(x, (n0, c, a0)), at(dy, (n0, c, a0))),
-                                                 a1 - a0, n1 - n0, rs, (mu[c],))
+            sg[k, c], sgx[k, c] = block_bwd_sums_pf((at(x, (n0, c, a0)), at(dy, (n0, c, a0))),
+                                                    a1 - a0, n1 - n0, rs, (mu[c],))
 
 
 @helper
