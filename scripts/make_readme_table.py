@@ -97,8 +97,8 @@ def render(doc):
         f"threading layer {m.get('threading_layer', '?')}), the copy and PyTorch.",
         f"Versions: {versions}.",
         f"Command: `{doc.get('command', 'python -m fastbn bench')}` "
-        f"({doc.get('started', '')}; medians of interleaved calls after a warm-up call, "
-        f"budget {cfg.get('budget_s', '?')} s / at most {cfg.get('repeat', '?')} calls per "
+        f"({doc.get('started', '')}; medians of interleaved calls in a rotating order after "
+        f"a warm-up call, budget {cfg.get('budget_s', '?')} s / at most {cfg.get('repeat', '?')} calls per "
         "contender).",
         "PyTorch = `torch.ops.aten.native_batch_norm` / `native_batch_norm_backward` (no "
         "autograd), `torch.var_mean(correction=0)` for stats"

@@ -736,7 +736,8 @@ def format_table(rr: RunResult) -> str:
                          "on axis 1 only (blank for other axes), intra-op spinning off.")
         else:
             notes.append(f"ONNX RT column missing: {rr.peers['onnxruntime']}.")
-    notes.append("times are medians of interleaved calls after an untimed warm-up call; "
+    notes.append("times are medians of interleaved calls (the order rotating every round) after "
+                 "an untimed warm-up call; "
                  "vs X = X time / fastbn time (>1: fastbn faster).")
     if has_torch:
         notes.append("~ marks a tie within this run's noise: the middle half of the per-round "
