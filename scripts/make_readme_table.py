@@ -97,7 +97,7 @@ def render(doc):
         f"threading layer {m.get('threading_layer', '?')}), the copy and PyTorch.",
         f"Versions: {versions}.",
         f"Command: `{doc.get('command', 'python -m fastbn bench')}` "
-        f"({doc.get('started', '')}; medians of interleaved calls in a rotating order after "
+        f"({doc.get('started', '')}; medians of interleaved calls in a shuffled order after "
         f"a warm-up call, budget {cfg.get('budget_s', '?')} s / at most {cfg.get('repeat', '?')} calls per "
         "contender).",
         "PyTorch = `torch.ops.aten.native_batch_norm` / `native_batch_norm_backward` (no "
@@ -105,7 +105,7 @@ def render(doc):
         + (f"; channels-last shapes ({', '.join(layouts)}) as `torch.channels_last` tensors."
            if layouts else "."),
         "~ = a tie within the run's noise: the middle half of the per-round speedups (fastbn "
-        "and PyTorch timed back to back in each round) spans 1.",
+        "and PyTorch timed in the same round) spans 1.",
         "Roofline = time of a parallel copy of the tensor × bytes moved / 2B (inference 2B, "
         "forward-train 3B, backward 5B, stats 1B); fraction = roofline ÷ fastbn time, above 1 when "
         "the tensor fits in cache.",

@@ -357,19 +357,23 @@ def test_per_round_ratio_quartiles_tell_ties_from_leads():
     assert runner.CaseResult(spec, "infer").standing("torch") is None
 
 
-def test_round_robin_rotates_the_order():
+def test_rounds_vary_who_comes_first_and_who_follows_whom():
     """No contender always follows the same one: a call runs faster after one that left its
-    data in cache than after one that evicted it, so a fixed order would favour a fixed
-    neighbour.  Each timed call is preceded by an untimed one of the same contender."""
+    data in cache than after one that evicted it, so a fixed order -- or a rotation of it, whose
+    neighbours never change -- would favour a fixed neighbour.  Each timed call is preceded by
+    an untimed one of the same contender."""
     log = []
-    fns = {name: (lambda name=name: log.append(name)) for name in ("a", "b", "c")}
+    names = ("a", "b", "c", "d")
+    fns = {name: (lambda name=name: log.append(name)) for name in names}
     res = runner.CaseResult(suite.SUITE[0], "infer")
-    runner._time_round_robin(fns, budget=1.0, repeat=6, result=res)
-    assert {n: len(v) for n, v in res.samples.items()} == {"a": 6, "b": 6, "c": 6}
-    timed = log[6:]  # two warm-up calls each first
+    runner._time_round_robin(fns, budget=1.0, repeat=40, result=res)
+    assert {n: len(v) for n, v in res.samples.items()} == {n: 40 for n in names}
+    timed = log[2 * len(names):]  # two warm-up calls each first
     assert all(timed[i] == timed[i + 1] for i in range(0, len(timed), 2))  # untimed, then timed
     order = timed[::2]
-    rounds = [tuple(order[i:i + 3]) for i in range(0, len(order), 3)]
-    assert rounds[:3] == [("a", "b", "c"), ("b", "c", "a"), ("c", "a", "b")]
-    predecessors = {(order[i - 1], order[i]) for i in range(1, len(order))}
-    assert {p for p in predecessors if p[1] == "a"} == {("b", "a"), ("c", "a")}
+    rounds = [order[i:i + 4] for i in range(0, len(order), 4)]
+    assert all(sorted(r) == list(names) for r in rounds)  # each contender once a round
+    within = {(r[i - 1], r[i]) for r in rounds for i in range(1, 4)}
+    # every contender follows every other one within some round
+    assert within == {(p, q) for p in names for q in names if p != q}
+    assert len({r[0] for r in rounds}) == len(names)

@@ -3,10 +3,10 @@
 Method (shared/PERFORMANCE.md):
 
 * Every contender is called once untimed first (fastbn compiles on its first call), then timed
-  calls run round-robin -- fastbn, PyTorch, NumPy, [ONNX Runtime,] copy, then PyTorch, NumPy,
-  ..., copy, fastbn: the order rotates every round -- so machine drift hits every contender
-  alike, and so does the state the previous contender leaves (its data evicting ours from the
-  cache, a core it left idle). Medians are reported.
+  calls run in rounds -- fastbn, PyTorch, NumPy, [ONNX Runtime,] copy, each once, in an order
+  shuffled every round (seeded) -- so machine drift hits every contender alike, and so does the
+  state the previous contender leaves (its data evicting ours from the cache, a core it left
+  idle, its thread pool still spinning). Medians are reported.
 * The number of timed calls adapts to a time budget: each contender gets
   ``clamp(budget / warm time, min_repeat, repeat)`` calls, so small shapes get many samples and
   slow baselines do not blow the run time.
@@ -36,6 +36,7 @@ import gc
 import json
 import math
 import os
+import random
 import shlex
 import statistics
 import sys
@@ -348,8 +349,8 @@ class CaseResult:
 
     def ratio_quartiles(self, peer: str) -> tuple[float, float] | None:
         """Lower and upper quartile of ``peer time / fastbn time`` over the rounds that timed
-        both: their calls ran back to back, so drift of the machine between rounds cancels and
-        the spread left is the noise that a single ratio of medians hides."""
+        both: their calls ran in the same round, so drift of the machine between rounds cancels
+        and the spread left is the noise that a single ratio of medians hides."""
         f, p = self.samples.get("fastbn"), self.samples.get(peer)
         if not f or not p:
             return None
@@ -400,13 +401,15 @@ def _time_round_robin(fns: dict, *, budget: float, repeat: int, result: CaseResu
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        names = list(fns)
+        order = list(fns)
+        shuffle = random.Random(0).shuffle  # seeded: a rerun times in the same orders
         for rnd in range(max(counts.values(), default=0)):
-            # The order rotates every round: a call runs faster right after one that left its
-            # data in cache and both cores awake than after one that flushed the cache or idled a
-            # core, so a fixed order would favour whoever always follows the same neighbour.
-            shift = rnd % len(names)
-            for name in names[shift:] + names[:shift]:
+            # A new order every round: a call runs faster right after one that left its data in
+            # cache and both cores awake than after one that flushed the cache, left a core idle
+            # or left its own thread pool spinning, so a fixed order (or a rotation of it, which
+            # keeps every neighbour) would favour whoever always follows the same contender.
+            shuffle(order)
+            for name in order:
                 fn = fns[name]
                 if rnd >= counts[name]:
                     continue
@@ -736,12 +739,12 @@ def format_table(rr: RunResult) -> str:
                          "on axis 1 only (blank for other axes), intra-op spinning off.")
         else:
             notes.append(f"ONNX RT column missing: {rr.peers['onnxruntime']}.")
-    notes.append("times are medians of interleaved calls (the order rotating every round) after "
-                 "an untimed warm-up call; "
+    notes.append("times are medians of interleaved calls (in an order shuffled every round) "
+                 "after an untimed warm-up call; "
                  "vs X = X time / fastbn time (>1: fastbn faster).")
     if has_torch:
         notes.append("~ marks a tie within this run's noise: the middle half of the per-round "
-                     "ratios (fastbn and PyTorch timed back to back in each round) spans 1.0.")
+                     "ratios (fastbn and PyTorch timed in the same round) spans 1.0.")
         behind = [c for c in cases if c.standing("torch") == "behind"]
         if behind:
             notes.append("behind PyTorch beyond this run's noise (slower in three rounds of four "
@@ -860,9 +863,9 @@ def to_json(rr: RunResult) -> dict:
         "machine": rr.machine,
         "peers": {k: {"available": v is None, "reason": v} for k, v in rr.peers.items()},
         "method": {
-            "timing": "untimed warm-up call, then round-robin timed calls, the order rotating "
-                      "every round; medians",
-            "quartiles": "of peer/fastbn per round (calls back to back); standing: ahead or "
+            "timing": "untimed warm-up call, then timed calls in rounds, each contender once a "
+                      "round in an order shuffled every round (seeded); medians",
+            "quartiles": "of peer/fastbn per round (calls in the same round); standing: ahead or "
                          "behind where both quartiles lie on one side of 1, else tie",
             "torch": "torch.ops.aten.native_batch_norm / native_batch_norm_backward; "
                      "torch.var_mean(correction=0) for stats",
