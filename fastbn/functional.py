@@ -259,10 +259,13 @@ _MIN_ROWS = 32  # channels-last reductions: rows per tile, so partial buffers st
 # 128) statistics 846 -> 750 us.
 _CL_REDUCE_CHUNKS = 2
 _LINE = 64  # bytes in a cache line (simd.LINE)
-_ELEMENTWISE_ITEMS = 16  # channels-last elementwise passes: tiles for load balance
-# ... of at least this many values, fewer rows each before fewer channels: whole calls at 2
-# threads alternating in one process, float32 inference (64, 512) 9.3 -> 8.5 us, (200, 300)
-# 10.5 -> 9.6 us (16 tiles of 32 rows by 64 channels before, of 4 rows by 512 now).
+# Elementwise passes, for load balance: at least this many tiles (channels-last), or a tile
+# count that is a multiple of it (channels-first, see _cf_row_tiles).
+_ELEMENTWISE_ITEMS = 16
+# Channels-last elementwise tiles hold at least this many values, fewer rows each before fewer
+# channels: whole calls at 2 threads alternating in one process, float32 inference (64, 512)
+# 9.3 -> 8.5 us, (200, 300) 10.5 -> 9.6 us (16 tiles of 32 rows by 64 channels before, of 4
+# rows by 512 now).
 _ELEMENTWISE_TILE = 2048
 _PARAM_ROW_BYTES = 4096  # channels-last elementwise passes in cache: channels per tile (bytes)
 
