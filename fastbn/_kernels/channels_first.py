@@ -24,16 +24,17 @@ from .merge import (affine_fits32, affine_params, bwd_coefficients, bwd_fits32, 
                     narrow_centre, unshifted)
 from .simd import (affine_run, affine_run_nt, at, block_bwd_sums, block_bwd_sums_pf, block_moments,
                    block_moments32, block_moments32_pf, block_moments_pf, bwd_apply_run,
-                   bwd_apply_run_nt, fence)
+                   bwd_apply_run_nt, fence, load)
 
 
 @helper
-def _run_sums(xr, center):
-    """Sum of ``xr - center`` and of its square."""
+def _run_sums(p, n, center):
+    """Sum of ``x - center`` and of its square over the run of ``n`` values at ``p`` (a
+    pointer, see :func:`_channel_moments`)."""
     s1 = 0.0
     s2 = 0.0
-    for t in range(xr.shape[0]):
-        d = xr[t] - center
+    for t in range(n):
+        d = load(p, t) - center
         s1 += d
         s2 += d * d
     return s1, s2
@@ -52,18 +53,18 @@ def _m2(d1, d2, n):
 
 
 @helper
-def _run_moments(xr):
-    """Mean (as ``hi + lo``) and sum of squared deviations of a run, in one pass.
+def _run_moments(p, n):
+    """Mean (as ``hi + lo``) and sum of squared deviations of the run of ``n`` values at
+    ``p``, in one pass.
 
-    The sums are taken of ``x - hi`` with ``hi = xr[0]``, a sample of the run: the deviations
+    The sums are taken of ``x - hi`` with ``hi`` the run's first value, a sample of the run: the deviations
     are of the order of the run's spread, so ``sum(d^2) - sum(d)^2 / n`` loses only
     ``eps * ((hi - mean) / std)^2`` relative, negligible unless the first element is an outlier
     by ~1e4 standard deviations (float64 accumulators).  ``lo = sum(d) / n`` keeps the mean to
     better than float64's resolution of ``hi`` for the merge (``merge.chan``).
     """
-    n = xr.shape[0]
-    hi = np.float64(xr[0])  # float() of a float32 stays float32 in Numba
-    d1, d2 = _run_sums(xr, hi)
+    hi = np.float64(load(p, 0))  # float() of a float32 stays float32 in Numba
+    d1, d2 = _run_sums(p, n, hi)
     return hi, d1 / n, _m2(d1, d2, n)
 
 
@@ -86,22 +87,22 @@ def _sound32(d1, d2, n):
 
 
 @helper(exact=True)
-def _first_mean(x, c):
-    """The mean of the first (up to) 16 values of ``x[0, c]``, rounded to float32: a shift
-    near most of the channel's values for :func:`_moments32`.  Exact, in four interleaved sums
-    (a short wait, in a fixed order): reassociated, the serial and the parallel build of a
-    kernel could round the shift, and so the results, differently."""
-    k = min(x.shape[2], 16)
+def _first_mean(p, S):
+    """The mean of the first (up to) 16 values of the run of ``S`` values at ``p``, rounded to
+    float32: a shift near most of the channel's values for :func:`_moments32`.  Exact, in four
+    interleaved sums (a short wait, in a fixed order): reassociated, the serial and the
+    parallel build of a kernel could round the shift, and so the results, differently."""
+    k = min(S, 16)
     s0 = s1 = s2 = s3 = 0.0
     t = 0
     while t + 4 <= k:
-        s0 += x[0, c, t]
-        s1 += x[0, c, t + 1]
-        s2 += x[0, c, t + 2]
-        s3 += x[0, c, t + 3]
+        s0 += load(p, t)
+        s1 += load(p, t + 1)
+        s2 += load(p, t + 2)
+        s3 += load(p, t + 3)
         t += 4
     while t < k:
-        s0 += x[0, c, t]
+        s0 += load(p, t)
         t += 1
     return np.float64(np.float32(((s0 + s1) + (s2 + s3)) / k))
 
@@ -114,16 +115,16 @@ def _first_means(x):
     C = x.shape[1]
     out = np.empty(C)
     for c in range(C):
-        out[c] = _first_mean(x, c)
+        out[c] = _first_mean(at(x, (0, c, 0)), x.shape[2])
     return out
 
 
 def _moments32_with(lanes32, lanes64, name):
     """``_moments32`` over the block sums ``lanes32`` and ``lanes64`` (simd intrinsics)."""
 
-    def moments32(x, n0, c, s0, n, nrows, h):
+    def moments32(p, rs, n, nrows, h):
         """``(h, d1, d2)``: a shift and the sums of ``x - h`` and of its square over ``nrows`` runs
-        of ``n`` values of channel ``c`` from ``x[n0, c, s0]``, float32 data (``h`` the caller's
+        of ``n`` values from ``p``, ``rs`` values apart, float32 data (``h`` the caller's
         float32-representable guess).
 
         In float32 lanes (simd.block_moments32, half the vector work of float64 lanes, which is the
@@ -133,16 +134,14 @@ def _moments32_with(lanes32, lanes64, name):
         means and variances stay within a unit in the last place of the float64 lanes' (1e-8..1e-7
         relative in the variance on normal, skewed, sorted, padded and offset data).  One call of
         each intrinsic: a second float32 attempt made the helper too large to inline."""
-        ptr = (at(x, (n0, c, s0)),)
-        rs = (_rows(x),)
         L = float(n * nrows)
-        d1, d2 = lanes32(ptr, n, nrows, rs, (h,))
+        d1, d2 = lanes32((p,), n, nrows, (rs,), (h,))
         if _sound32(d1, d2, L):
             return h, d1, d2
         h = h + d1 / L
         if not abs(h) < math.inf:
-            h = np.float64(x[n0, c, s0])
-        d1, d2 = lanes64(ptr, n, nrows, rs, (h,))
+            h = np.float64(load(p, 0))
+        d1, d2 = lanes64((p,), n, nrows, (rs,), (h,))
         return h, d1, d2
 
     # its own name: Numba's cache files are named after the function
@@ -156,14 +155,15 @@ _moments32_pf = _moments32_with(block_moments32_pf, block_moments_pf, "_moments3
 
 
 @helper
-def _run_bwd_sums(xr, gr, mu):
-    """Sum of ``gr`` and of ``gr * (xr - mu)``."""
+def _run_bwd_sums(px, pg, n, mu):
+    """Sum of ``g`` and of ``g * (x - mu)`` over the runs of ``n`` values at ``px`` (x) and
+    ``pg`` (the gradient)."""
     sg = 0.0
     sgx = 0.0
-    for t in range(xr.shape[0]):
-        g = gr[t]
+    for t in range(n):
+        g = load(pg, t)
         sg += g
-        sgx += g * (xr[t] - mu)
+        sgx += g * (load(px, t) - mu)
     return sg, sgx
 
 
@@ -210,11 +210,11 @@ def moments(x, R, W, SB, hi, lo, m2):
         p2 = m2[k]
         nr = float(s1 - s0)
         for c in range(c0, c1):
-            ph[c], pl[c], p2[c] = _run_moments(x[n0, c, s0:s1])
+            ph[c], pl[c], p2[c] = _run_moments(at(x, (n0, c, s0)), s1 - s0)
         cnt = nr
         for n in range(n0 + 1, n1):
             for c in range(c0, c1):
-                m, ml, s = _run_moments(x[n, c, s0:s1])
+                m, ml, s = _run_moments(at(x, (n, c, s0)), s1 - s0)
                 pl[c], p2[c] = chan(cnt, ph[c], pl[c], p2[c], nr, m, ml, s)
             cnt += nr
 
@@ -229,7 +229,7 @@ def sums(x, center, R, W, SB, s1, s2):
             s2[k, c] = 0.0
         for n in range(n0, n1):
             for c in range(c0, c1):
-                u, v = _run_sums(x[n, c, a0:a1], center[c])
+                u, v = _run_sums(at(x, (n, c, a0)), a1 - a0, center[c])
                 s1[k, c] += u
                 s2[k, c] += v
 
@@ -244,23 +244,24 @@ def bwd_sums(x, dy, mu, R, W, SB, sg, sgx):
             sgx[k, c] = 0.0
         for n in range(n0, n1):
             for c in range(c0, c1):
-                u, v = _run_bwd_sums(x[n, c, a0:a1], dy[n, c, a0:a1], mu[c])
+                u, v = _run_bwd_sums(at(x, (n, c, a0)), at(dy, (n, c, a0)), a1 - a0, mu[c])
                 sg[k, c] += u
                 sgx[k, c] += v
 
 
 def _block_moments_kernel(name, block, shifts, doc):
     """A kernel ``(x, R, W, SB, hi, lo, m2)``: per tile, each channel's moments in one shifted
-    pass over its ``R`` runs, ``block(x, n0, c, s0, n, nrows, shift) -> (h, d1, d2)``, with
-    ``shift = shifts(x)`` computed once."""
+    pass over its ``R`` runs, ``block(p, rows, n, nrows, shift[c]) -> (h, d1, d2)`` (``p``
+    the tile's first value of the channel), with ``shift = shifts(x)`` computed once."""
 
     def run(x, R, W, SB, hi, lo, m2):
         shift = shifts(x)
+        rs = _rows(x)
         for it in numba.prange(_items(x, R, W, SB)):
             k, n0, n1, c0, c1, s0, s1 = _tile(it, x, R, W, SB)
             n = float((n1 - n0) * (s1 - s0))
             for c in range(c0, c1):
-                h, d1, d2 = block(x, n0, c, s0, s1 - s0, n1 - n0, shift)
+                h, d1, d2 = block(at(x, (n0, c, s0)), rs, s1 - s0, n1 - n0, shift[c])
                 hi[k, c] = h
                 lo[k, c] = d1 / n
                 m2[k, c] = _m2(d1, d2, n)
@@ -273,21 +274,16 @@ def _block_moments_kernel(name, block, shifts, doc):
 
 @helper
 def _no_shifts(x):
-    return np.empty(0)
+    return np.zeros(x.shape[1])
 
 
 @helper(inline=True)
-def _first_value_block(x, n0, c, s0, n, nrows, shift):
+def _first_value_block(p, rs, n, nrows, shift):
     """:func:`_moments32`'s ``(h, d1, d2)`` in float64 lanes about the block's first value
     (``shift`` unused)."""
-    h = np.float64(x[n0, c, s0])
-    d1, d2 = block_moments((at(x, (n0, c, s0)),), n, nrows, (_rows(x),), (h,))
+    h = np.float64(load(p, 0))
+    d1, d2 = block_moments((p,), n, nrows, (rs,), (h,))
     return h, d1, d2
-
-
-@helper(inline=True)
-def _lanes32_block(x, n0, c, s0, n, nrows, shift):
-    return _moments32_pf(x, n0, c, s0, n, nrows, shift[c])
 
 
 _MOMENTS_SHORT_DOC = """:func:`moments` for short runs: each channel of a tile in one shifted pass
@@ -301,7 +297,7 @@ _MOMENTS32_DOC = """:func:`moments_short` for float32 data in float32 lanes (:fu
     per tile and channel."""
 moments_short = kernel(_block_moments_kernel("moments_short", _first_value_block, _no_shifts,
                                              _MOMENTS_SHORT_DOC), exact=True)
-moments32 = kernel(_block_moments_kernel("moments32", _lanes32_block, _first_means,
+moments32 = kernel(_block_moments_kernel("moments32", _moments32_pf, _first_means,
                                          _MOMENTS32_DOC), exact=True)
 
 
@@ -380,49 +376,46 @@ def bwd_apply(x, dy, mu, a, q, r, dx, RB, SB, nt):
             fence()
 
 
-# Inlined by Numba: next to _channel_moments32 in a kernel, LLVM left it out of line and the
-# small calls it serves took 1.35x longer ((1, 512, 7, 7) statistics at one thread).
 @helper(exact=True, inline=True)
-def _channel_moments(x, c):
-    """Mean and M2 of channel ``c`` in one shifted pass (for the one-call kernels): sums of
-    ``x - x[0, c, 0]`` over all its runs.  The relative loss is ``eps * ((x0 - mean) / std)^2``
-    (see :func:`_run_moments`), at most ``eps * L`` for ``L`` values even if ``x0`` is the one
+def _channel_moments(p, rs, N, S, lanes):
+    """Mean and M2 of the channel of ``N`` runs of ``S`` values from ``p`` (``rs`` values
+    apart), in one shifted pass (for the one-call kernels): float32 data in float32 lanes
+    (:func:`_moments32`) where ``lanes`` (:func:`lanes32`), else sums of ``x - x[0, c, 0]`` in
+    float64 lanes.  The latter's relative loss is ``eps * ((x0 - mean) / std)^2`` (see
+    :func:`_run_moments`), at most ``eps * L`` for ``L`` values even if ``x0`` is the one
     outlier: below 1e-10 for the at most 512k values per channel of a one-call tensor (a
     channel of at most a sixteenth of a 32 MB cache).  Per-run moments merged with Chan's
-    update cost 2x more per channel on short runs."""
-    N, C, S = x.shape
-    hi, d1, d2 = _first_value_block(x, 0, c, 0, S, N, None)
-    return _channel_result(x, c, hi, d1, d2)
+    update cost 2x more per channel on short runs.  A mean that is not finite: see
+    :func:`_unshifted_channel`.
 
-
-@helper(exact=True)
-def _channel_moments32(x, c):
-    """:func:`_channel_moments` of float32 data in float32 lanes (:func:`_moments32`), for
-    channels of ``LANES32_FROM`` values or more."""
-    N, C, S = x.shape
-    hi, d1, d2 = _moments32(x, 0, c, 0, S, N, _first_mean(x, c))
-    return _channel_result(x, c, hi, d1, d2)
-
-
-@helper(exact=True)
-def _channel_result(x, c, hi, d1, d2):
-    """Mean and M2 of channel ``c`` from its sums about ``hi``."""
-    N, C, S = x.shape
+    Pointers, not the array: a jitted function given an array takes a reference to it on
+    entry and drops it on exit, two atomic operations on a count all threads share, which
+    Numba's refcount pruning left in place even in a helper it inlined.  Once per channel they
+    took most of a small call: (1, 512, 7, 7) float32 statistics kernel at one thread 14.7 ->
+    3.7 us; whole calls alternating in one process, statistics 16.5 -> 5.7 us at one thread
+    and 6.5 -> 5.2 us at two, training 21.2 -> 14.0 and 11.9 -> 10.1 us."""
+    if lanes:
+        hi, d1, d2 = _moments32(p, rs, S, N, _first_mean(p, S))
+    else:
+        hi, d1, d2 = _first_value_block(p, rs, S, N, 0.0)
     L = float(N * S)
-    m = hi + d1 / L
-    m2 = _m2(d1, d2, L)
-    if not abs(m) < math.inf:
-        # Infinities or NaN in the channel (the shifted sums saw inf - inf, or reached the
-        # infinity), or finite values whose deviations overflowed: summed again unshifted, see
-        # merge.unshifted.  Here rather than by NumPy afterwards, whose test for NaN means cost
-        # 1.5 us of a 5 us call.
-        inv = 1.0 / L
-        t = 0.0
-        for n in range(N):
-            for s in range(S):
-                t += x[n, c, s] * inv
-        m, m2 = unshifted(t, m2)
-    return m, m2
+    return hi + d1 / L, _m2(d1, d2, L)
+
+
+@helper(exact=True)
+def _unshifted_channel(x, c, m2):
+    """``(mean, M2)`` of channel ``c`` whose shifted sums gave a mean that is not finite
+    (infinities or NaN in the channel: the sums saw inf - inf, or reached the infinity; or
+    finite values whose deviations overflowed), its values summed again unshifted, see
+    merge.unshifted.  In the kernel rather than by NumPy afterwards, whose test for NaN means
+    cost 1.5 us of a 5 us call."""
+    N, C, S = x.shape
+    inv = 1.0 / (N * S)
+    t = 0.0
+    for n in range(N):
+        for s in range(S):
+            t += x[n, c, s] * inv
+    return unshifted(t, m2)
 
 
 @helper
@@ -445,9 +438,13 @@ def stats_small(x, denom, out):
     type) in one call, for tensors small enough to sit in cache whole: there the kernel
     launches, not the memory traffic, are the cost (``functional._fuse``).  Float32 channels in
     float32 lanes where :func:`lanes32` says so."""
+    N, C, S = x.shape
     lanes = lanes32(x)
-    for c in numba.prange(x.shape[1]):
-        m, m2 = _channel_moments32(x, c) if lanes else _channel_moments(x, c)
+    rs = _rows(x)
+    for c in numba.prange(C):
+        m, m2 = _channel_moments(at(x, (0, c, 0)), rs, N, S, lanes)
+        if not abs(m) < math.inf:
+            m, m2 = _unshifted_channel(x, c, m2)
         out[0, c] = m
         out[1, c] = m2 / denom
 
@@ -485,8 +482,11 @@ def train_small(x, weight, bias, eps, narrow, y, mean, var, nt):
     N, C, S = x.shape
     L = float(N * S)
     lanes = lanes32(x)
+    rs = _rows(x)
     for c in numba.prange(C):
-        m, s = _channel_moments32(x, c) if lanes else _channel_moments(x, c)
+        m, s = _channel_moments(at(x, (0, c, 0)), rs, N, S, lanes)
+        if not abs(m) < math.inf:
+            m, s = _unshifted_channel(x, c, s)
         v = s / L
         mean[c] = m
         var[c] = v

@@ -228,7 +228,7 @@ def _block_moments(x, c0, c1, mean, m2):
         d1 = mean[c]
         m = np.float64(x[0, c]) + d1 / M
         s = _m2(d1, m2[c], float(M))
-        if not abs(m) < math.inf:  # see channels_first._channel_result
+        if not abs(m) < math.inf:  # see channels_first._unshifted_channel
             inv = 1.0 / M
             t = 0.0
             for r in range(M):

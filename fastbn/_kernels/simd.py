@@ -47,6 +47,20 @@ def at(typingctx, arr, index):
 
 
 @intrinsic
+def load(typingctx, ptr, index):
+    """``ptr[index]``, for a pointer from :func:`at`.  Helpers called once per channel take
+    pointers, not arrays: a jitted function given an array takes a reference to it on entry
+    and drops it on exit, two atomic operations on a count that every thread shares."""
+    sig = ptr.dtype(ptr, index)
+
+    def codegen(context, builder, signature, args):
+        i = context.cast(builder, args[1], signature.args[1], types.intp)
+        return builder.load(builder.gep(args[0], [i]))
+
+    return sig, codegen
+
+
+@intrinsic
 def fence(typingctx):
     """Order this thread's non-temporal stores before whatever the caller does next."""
     def codegen(context, builder, signature, args):
@@ -606,6 +620,9 @@ if numba.config.DISABLE_JIT:
 
     def at(arr, index):
         return arr, tuple(index)
+
+    def load(ptr, index):
+        return _span(ptr, index + 1)[index]
 
     def fence():
         return None
