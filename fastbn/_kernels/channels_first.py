@@ -168,9 +168,10 @@ def _run_bwd_sums(px, pg, n, mu):
 
 
 @helper
-def _tile(it, x, R, W, SB):
-    """Partial-buffer row ``k`` and the ``n``, ``c`` and ``s`` ranges of work item ``it``."""
-    N, C, S = x.shape
+def _tile(it, shape, R, W, SB):
+    """Partial-buffer row ``k`` and the ``n``, ``c`` and ``s`` ranges of work item ``it`` of a
+    view of ``shape`` (the shape, not the array: see :func:`_channel_moments`)."""
+    N, C, S = shape
     KS = (S + SB - 1) // SB
     NB = (C + W - 1) // W
     ks = it % KS
@@ -204,7 +205,7 @@ def moments(x, R, W, SB, hi, lo, m2):
     Chan's update (``merge.chan``): memory is read once.
     """
     for it in numba.prange(_items(x, R, W, SB)):
-        k, n0, n1, c0, c1, s0, s1 = _tile(it, x, R, W, SB)
+        k, n0, n1, c0, c1, s0, s1 = _tile(it, x.shape, R, W, SB)
         ph = hi[k]
         pl = lo[k]
         p2 = m2[k]
@@ -223,7 +224,7 @@ def moments(x, R, W, SB, hi, lo, m2):
 def sums(x, center, R, W, SB, s1, s2):
     """Per tile sums of ``x - center[c]`` and of its square into ``s1[K, C]``, ``s2[K, C]``."""
     for it in numba.prange(_items(x, R, W, SB)):
-        k, n0, n1, c0, c1, a0, a1 = _tile(it, x, R, W, SB)
+        k, n0, n1, c0, c1, a0, a1 = _tile(it, x.shape, R, W, SB)
         for c in range(c0, c1):
             s1[k, c] = 0.0
             s2[k, c] = 0.0
@@ -238,7 +239,7 @@ def sums(x, center, R, W, SB, s1, s2):
 def bwd_sums(x, dy, mu, R, W, SB, sg, sgx):
     """Per tile sums of ``dy`` and ``dy * (x - mu[c])`` into ``sg[K, C]``, ``sgx[K, C]``."""
     for it in numba.prange(_items(x, R, W, SB)):
-        k, n0, n1, c0, c1, a0, a1 = _tile(it, x, R, W, SB)
+        k, n0, n1, c0, c1, a0, a1 = _tile(it, x.shape, R, W, SB)
         for c in range(c0, c1):
             sg[k, c] = 0.0
             sgx[k, c] = 0.0
@@ -258,7 +259,7 @@ def _block_moments_kernel(name, block, shifts, doc):
         shift = shifts(x)
         rs = _rows(x)
         for it in numba.prange(_items(x, R, W, SB)):
-            k, n0, n1, c0, c1, s0, s1 = _tile(it, x, R, W, SB)
+            k, n0, n1, c0, c1, s0, s1 = _tile(it, x.shape, R, W, SB)
             n = float((n1 - n0) * (s1 - s0))
             for c in range(c0, c1):
                 h, d1, d2 = block(at(x, (n0, c, s0)), rs, s1 - s0, n1 - n0, shift[c])
@@ -306,7 +307,7 @@ def bwd_sums_short(x, dy, mu, R, W, SB, sg, sgx):
     """:func:`bwd_sums` for short runs (see :func:`moments_short`): 758 -> 495 us there."""
     rs = (_rows(x), _rows(dy))
     for it in numba.prange(_items(x, R, W, SB)):
-        k, n0, n1, c0, c1, a0, a1 = _tile(it, x, R, W, SB)
+        k, n0, n1, c0, c1, a0, a1 = _tile(it, x.shape, R, W, SB)
         for c in range(c0, c1):
             sg[k, c], sgx[k, c] = block_bwd_sums_pf((at(x, (n0, c, a0)), at(dy, (n0, c, a0))),
                                                     a1 - a0, n1 - n0, rs, (mu[c],))
@@ -321,10 +322,10 @@ def _row_items(x, RB, SB):
 
 
 @helper
-def _row_tile(it, x, RB, SB):
-    """Rows ``[r0, r1)`` (``r = n * C + c``) and positions ``[s0, s0 + m)`` of work item ``it``:
-    the same run length ``m`` for each row of the tile."""
-    N, C, S = x.shape
+def _row_tile(it, shape, RB, SB):
+    """Rows ``[r0, r1)`` (``r = n * C + c``) and positions ``[s0, s0 + m)`` of work item ``it``
+    of a view of ``shape``: the same run length ``m`` for each row of the tile."""
+    N, C, S = shape
     KS = (S + SB - 1) // SB
     kr = it // KS
     r0 = kr * RB
@@ -343,7 +344,7 @@ def affine(x, center, scale, shift, lo, y, RB, SB, nt):
     rows by ``SB`` positions; ``nt``: stream ``y`` past the cache (see simd)."""
     C = x.shape[1]
     for it in numba.prange(_row_items(x, RB, SB)):
-        r0, r1, s, m = _row_tile(it, x, RB, SB)
+        r0, r1, s, m = _row_tile(it, x.shape, RB, SB)
         for n in range(r0 // C, (r1 - 1) // C + 1):
             for c in range(max(0, r0 - n * C), min(C, r1 - n * C)):
                 src = (at(x, (n, c, s)),)
@@ -362,7 +363,7 @@ def bwd_apply(x, dy, mu, a, q, r, dx, RB, SB, nt):
     """Elementwise ``dx = a[c] * (dy + q[c] * (x - mu[c]) + r[c])``, tiled as :func:`affine`."""
     C = x.shape[1]
     for it in numba.prange(_row_items(x, RB, SB)):
-        r0, r1, s, m = _row_tile(it, x, RB, SB)
+        r0, r1, s, m = _row_tile(it, x.shape, RB, SB)
         for n in range(r0 // C, (r1 - 1) // C + 1):
             for c in range(max(0, r0 - n * C), min(C, r1 - n * C)):
                 src = (at(x, (n, c, s)), at(dy, (n, c, s)))
