@@ -413,10 +413,24 @@ _FUSED_STATS_BLOCKS = 16
 # calls against the tiled passes, float32, 2 threads: (8, 32, 1024) train 58 -> 50 us,
 # inference 27 -> 22, statistics 30 -> 24, backward 71 -> 53; (2, 64, 3136) train 92 -> 57,
 # backward 93 -> 74; (16, 32, 2048) train 168 -> 140; at 4 MB about even, and beyond it the
-# strided reads of a channel's runs lose ((128, 16, 1024) backward 690 -> 944 us).  Channels
-# of fewer than 128 values lost too, training and statistics most, where the per-channel work
-# outweighs the launches saved ((16, 4096, 4) at 1 thread: train 667 -> 780 us, inference
-# 411 -> 525 us).
+# strided reads of a channel's runs lose ((128, 16, 1024) backward 690 -> 944 us).
+#
+# Channels of fewer than _ONE_CALL_MIN_VALUES values: there the per-channel work weighs more
+# against the launches saved.  Whole calls, float32, alternating in one process with the rule
+# forced, at 1 and 2 threads:
+# - statistics gained on every shape tried, down to 2 values per channel: (1, 1024, 7, 7) 1.9x
+#   and 2.3x, (16, 4096, 4) 1.09x and 1.19x, (1, 32768, 2) 1.20x and 1.42x; they take no
+#   minimum;
+# - backward gained where runs hold 24 values or more: (1, 1024, 7, 7) 1.4x and 2.3x,
+#   (2, 4096, 5, 5) 1.12x and 1.33x, (2, 1024, 32) 1.35x and 1.70x; not with shorter runs
+#   ((16, 4096, 4) 0.89x and 0.83x, (2, 2048, 3, 3) 0.91x at one thread);
+# - training gained so up to 512 KB ((2, 512, 7, 7) 1.41x and 1.87x, (4, 1024, 5, 5) 1.17x and
+#   1.42x), but larger ones lost at one thread ((1, 4096, 7, 7), 800 KB: 0.82x; 1.09x at two);
+# - inference lost or was even ((1, 2048, 7, 7) 0.88x at 2 threads, (1, 4096, 3, 3) 0.71x at
+#   one), as it did with the rule forced on (16, 4096, 4) (411 -> 525 us at one thread).
+# The statistics and gradient sums of these channels went 2-4x faster once the helpers they
+# call took pointers instead of arrays (see channels_first._channel_moments); the rule of 128
+# values was measured before.
 #
 # Inference and backward gain less that way (inference reads every value once, and backward
 # reads two arrays per channel): with a last-level cache larger than 32 MB the share alone
@@ -428,27 +442,41 @@ _FUSED_STATS_BLOCKS = 16
 _ONE_CALL_LLC_SHARE = 8
 _ONE_CALL_MIN_VALUES = 128
 _ONE_CALL_PASS_BYTES = 4 << 20
+_ONE_CALL_MIN_RUN = 24
+_ONE_CALL_SHORT_TRAIN_BYTES = 512 << 10
 
 
-def _cf_one_call(p, x, cap=None):
+def _cf_one_call(p, x, cap=None, short=False):
     """Whether the channels-first view ``x`` runs the one-call kernels (see above); ``cap``:
-    a further bound on its bytes."""
+    a further bound on its bytes; ``short``: channels of fewer than ``_ONE_CALL_MIN_VALUES``
+    values qualify too."""
     limit = _config.LLC_BYTES // _ONE_CALL_LLC_SHARE
     if cap is not None:
         limit = min(limit, cap)
-    return (not p.channels_last and p.C >= _CHANNEL_MIN
-            and x.size >= _ONE_CALL_MIN_VALUES * p.C and x.nbytes <= limit)
+    return (not p.channels_last and p.C >= _CHANNEL_MIN and x.nbytes <= limit
+            and (short or x.size >= _ONE_CALL_MIN_VALUES * p.C))
 
 
-def _fuse(p, x, cap=None):
+def _long_runs(p):
+    """Whether the view's channels-first runs hold ``_ONE_CALL_MIN_RUN`` values or more."""
+    return not p.channels_last and p.shape3[2] >= _ONE_CALL_MIN_RUN
+
+
+def _fuse(p, x, cap=None, short=False):
     """Whether an operation runs as one kernel call (the ``*_small`` kernels): on small tensors
     the launches, not the memory traffic, are the cost.  By shape only, never by thread count,
-    so that results do not depend on the number of threads.  ``cap``: see :func:`_cf_one_call`."""
+    so that results do not depend on the number of threads.  ``cap``, ``short``: see
+    :func:`_cf_one_call`."""
     if x.size < _config.SERIAL_BELOW:
         return True
     if p.channels_last:
         return p.shape3[0] * _cl.BLOCK * x.itemsize <= _FUSED_BLOCK_BYTES
-    return _cf_one_call(p, x, cap)
+    return _cf_one_call(p, x, cap, short)
+
+
+def _fuse_train(p, x):
+    """:func:`_fuse` for training (see ``_ONE_CALL_MIN_RUN``)."""
+    return _fuse(p, x, short=_long_runs(p) and x.nbytes <= _ONE_CALL_SHORT_TRAIN_BYTES)
 
 
 def _fuse_infer(p, x):
@@ -461,7 +489,7 @@ def _fuse_infer(p, x):
 def _fuse_stats(p, x):
     """:func:`_fuse` for statistics, which also take the block kernels for wide channels-last
     tensors in cache (see ``_FUSED_STATS_BLOCKS``)."""
-    if _fuse(p, x):
+    if _fuse(p, x, short=True):
         return True
     return (p.channels_last and p.C >= _FUSED_STATS_BLOCKS * _cl.BLOCK
             and x.nbytes <= _config.LLC_BYTES // 4)
@@ -497,7 +525,7 @@ def _long_channels(p, x):
 def _fuse_backward(p, x):
     """:func:`_fuse` for the backward pass (see ``_ONE_CALL_PASS_BYTES`` and
     ``_CHANNEL_RUN_BYTES``)."""
-    return _fuse(p, x, _ONE_CALL_PASS_BYTES) or _long_channels(p, x)
+    return _fuse(p, x, _ONE_CALL_PASS_BYTES, _long_runs(p)) or _long_channels(p, x)
 
 
 def _items_size(p, x3):
@@ -876,7 +904,7 @@ def _train(x, axis, weight, bias, eps, out, guard=()):
     p = _layout.plan(x, axis)
     y, y3, finish, fresh = _output(p, x, out, ((x, "x"), (w, "weight"), (b, "bias")) + guard)
     x3 = p.as_input(x)
-    if _fuse(p, x) or _long_channels(p, x3):
+    if _fuse_train(p, x) or _long_channels(p, x3):
         mean = np.empty(C)
         var = np.empty(C)
         args = (x3, w, b, eps, _narrow(x3), y3, mean, var)
