@@ -442,6 +442,8 @@ _FUSED_STATS_BLOCKS = 16
 _ONE_CALL_LLC_SHARE = 8
 _ONE_CALL_MIN_VALUES = 128
 _ONE_CALL_PASS_BYTES = 4 << 20
+# channels of fewer than _ONE_CALL_MIN_VALUES values: backward and training with runs this long,
+# training only up to this size (see above)
 _ONE_CALL_MIN_RUN = 24
 _ONE_CALL_SHORT_TRAIN_BYTES = 512 << 10
 
