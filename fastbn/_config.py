@@ -230,9 +230,12 @@ class Kernel:
 
     def __call__(self, size, *args):
         """Run on `args`; `size` (elements touched) picks the serial or the parallel build."""
-        if use_serial(size, self._serial_below):
+        # use_serial and parallel_guard written out: two Python calls fewer on every kernel
+        # call, which small calls feel
+        if (size < (self._serial_below or SERIAL_BELOW) or _forked_omp
+                or _num_threads() == 1):
             return (self._ser or self.serial)(*args)
-        guard = parallel_guard()
+        guard = _guard or parallel_guard()
         if guard is _NO_GUARD:  # skips entering a no-op context: 0.2 us of a 10 us call
             return (self._par or self.parallel)(*args)
         with guard:

@@ -116,12 +116,16 @@ def _native(v):
     return v if v.dtype.isnative else v.astype(v.dtype.newbyteorder("="))
 
 
-def _param(v, name, C):
-    """An optional per-channel parameter, validated and in native byte order for the kernels
-    (None stays None)."""
+def _param(v, name, C, required=False):
+    """A per-channel parameter, validated and in native byte order for the kernels (None stays
+    None unless ``required``: ``TypeError`` naming it)."""
     if type(v) is np.ndarray and v.shape == (C,) and (v.dtype is _F32 or v.dtype is _F64):
         return v  # the common case, without the checks' cost (0.4 -> 0.17 us, 4 per call)
-    return None if v is None else _native(_channel_vector(v, name, C))
+    if v is None:
+        if required:
+            raise TypeError(f"{name} is required (got None)")
+        return None
+    return _native(_channel_vector(v, name, C))
 
 
 def _real(value, name, what):
@@ -527,6 +531,8 @@ def _long_channels(p, x):
 def _fuse_backward(p, x):
     """:func:`_fuse` for the backward pass (see ``_ONE_CALL_PASS_BYTES`` and
     ``_CHANNEL_RUN_BYTES``)."""
+    if x.size < _config.SERIAL_BELOW:  # as _fuse, without its calls (small calls add up)
+        return True
     return _fuse(p, x, _ONE_CALL_PASS_BYTES, _long_runs(p)) or _long_channels(p, x)
 
 
@@ -972,8 +978,8 @@ def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, ep
         raise ValueError(f"activation must be None or 'relu', got {activation!r}")
     eps = _positive(eps, "eps")
     C = x.shape[axis]
-    rm = _param(_required(running_mean, "running_mean"), "running_mean", C)
-    rv = _param(_required(running_var, "running_var"), "running_var", C)
+    rm = _param(running_mean, "running_mean", C, required=True)
+    rv = _param(running_var, "running_var", C, required=True)
     w = _param(weight, "weight", C)
     b = _param(bias, "bias", C)
     inputs = ((x, "x"), (rm, "running_mean"), (rv, "running_var"), (w, "weight"), (b, "bias"))
@@ -991,12 +997,6 @@ def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, ep
     if finish is not None:
         finish()
     return y
-
-
-def _required(v, name):
-    if v is None:
-        raise TypeError(f"{name} is required (got None)")
-    return v
 
 
 def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=True, out=None):
@@ -1026,8 +1026,8 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
     if dy.dtype is not x.dtype and dy.dtype != x.dtype:
         raise TypeError(f"dy must have the dtype of x ({x.dtype}), got {dy.dtype}")
     C = x.shape[axis]
-    mean = _param(_required(mean, "mean"), "mean", C)
-    invstd = _param(_required(invstd, "invstd"), "invstd", C)
+    mean = _param(mean, "mean", C, required=True)
+    invstd = _param(invstd, "invstd", C, required=True)
     w = _param(weight, "weight", C)
     training = _flag(training, "training")
     inputs = ((x, "x"), (dy, "dy"), (mean, "mean"), (invstd, "invstd"), (w, "weight"))
