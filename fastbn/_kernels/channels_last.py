@@ -15,7 +15,7 @@ from .._config import SMALL_PARALLEL_FROM, helper, kernel
 from .channels_first import _m2, _rows
 from .merge import affine_params, bwd_coefficients, bwd_fits32, narrow_centre, unshifted
 from .simd import (affine_rows, affine_rows_nt, at, bwd_apply_rows, bwd_apply_rows_nt,
-                   column_bwd_sums, column_moments, fence)
+                   column_bwd_sums, column_moments, fence, load, store)
 
 
 @helper
@@ -217,38 +217,51 @@ def _blocks(C):
 
 
 @helper(exact=True)
-def _block_moments(x, c0, c1, mean, m2):
-    """Mean and M2 over every row of channels ``[c0, c1)`` into ``mean`` and ``m2``: one pass
-    shifted by the first row, as a tile of :func:`moments` (error bound: the channels-first
-    ``_channel_moments``)."""
+def _block_moments(p0, p1, rs, M, n, mean, m2):
+    """Mean and M2 over the ``M`` rows (``rs`` values apart) of the ``n`` channels whose first
+    row starts at ``p0`` (``p1``: the second row) into the pointers ``mean`` and ``m2``: one
+    pass shifted by the first row, as a tile of :func:`moments` (error bound: the
+    channels-first ``_channel_moments``).  Pointers, not arrays: see the channels-first
+    ``_channel_moments``.  Returns whether every mean is finite (else see
+    :func:`_unshifted_columns`)."""
+    column_moments((p1,), M - 1, n, (rs,), (p0,), mean, m2)
+    ok = True
+    for j in range(n):
+        d1 = load(mean, j)
+        m = np.float64(load(p0, j)) + d1 / M
+        store(m2, j, _m2(d1, load(m2, j), float(M)))
+        store(mean, j, m)
+        ok = ok and abs(m) < math.inf
+    return ok
+
+
+@helper(exact=True)
+def _unshifted_columns(x, c0, c1, mean, m2):
+    """Channels ``[c0, c1)`` whose mean came out NaN or infinite, summed again unshifted (see
+    the channels-first ``_unshifted_channel``)."""
     M = x.shape[0]
-    column_moments((at(x, (1, c0)),), M - 1, c1 - c0, (_rows(x),), (at(x, (0, c0)),),
-                   at(mean, (c0,)), at(m2, (c0,)))
+    inv = 1.0 / M
     for c in range(c0, c1):
-        d1 = mean[c]
-        m = np.float64(x[0, c]) + d1 / M
-        s = _m2(d1, m2[c], float(M))
-        if not abs(m) < math.inf:  # see channels_first._unshifted_channel
-            inv = 1.0 / M
+        if not abs(mean[c]) < math.inf:
             t = 0.0
             for r in range(M):
                 t += x[r, c] * inv
-            m, s = unshifted(t, s)
-        mean[c] = m
-        m2[c] = s
+            mean[c], m2[c] = unshifted(t, m2[c])
 
 
 @kernel(exact=True, serial_below=2 * SMALL_PARALLEL_FROM)
 def stats_small(x, denom, out):
     """Per-channel mean and variance in one call, for small tensors (see the channels-first
     ``stats_small``)."""
-    C = x.shape[1]
+    M, C = x.shape
     mean = np.empty(C)
     m2 = np.empty(C)
     for b in numba.prange(_blocks(C)):
         c0 = b * BLOCK
         c1 = min(C, c0 + BLOCK)
-        _block_moments(x, c0, c1, mean, m2)
+        if not _block_moments(at(x, (0, c0)), at(x, (1, c0)), _rows(x), M, c1 - c0,
+                              at(mean, (c0,)), at(m2, (c0,))):
+            _unshifted_columns(x, c0, c1, mean, m2)
         for c in range(c0, c1):
             out[0, c] = mean[c]
             out[1, c] = m2[c] / denom
@@ -290,7 +303,9 @@ def train_small(x, weight, bias, eps, narrow, y, mean, var):
     for b in numba.prange(_blocks(C)):
         c0 = b * BLOCK
         c1 = min(C, c0 + BLOCK)
-        _block_moments(x, c0, c1, mean, var)
+        if not _block_moments(at(x, (0, c0)), at(x, (1, c0)), _rows(x), M, c1 - c0,
+                              at(mean, (c0,)), at(var, (c0,))):
+            _unshifted_columns(x, c0, c1, mean, var)
         for c in range(c0, c1):
             v = var[c] / M
             var[c] = v

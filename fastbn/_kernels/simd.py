@@ -61,6 +61,21 @@ def load(typingctx, ptr, index):
 
 
 @intrinsic
+def store(typingctx, ptr, index, value):
+    """``ptr[index] = value`` (converted to the pointer's type), for a pointer from :func:`at`
+    (see :func:`load`)."""
+    sig = types.none(ptr, index, value)
+
+    def codegen(context, builder, signature, args):
+        i = context.cast(builder, args[1], signature.args[1], types.intp)
+        v = context.cast(builder, args[2], signature.args[2], signature.args[0].dtype)
+        builder.store(v, builder.gep(args[0], [i]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
 def fence(typingctx):
     """Order this thread's non-temporal stores before whatever the caller does next."""
     def codegen(context, builder, signature, args):
@@ -623,6 +638,9 @@ if numba.config.DISABLE_JIT:
 
     def load(ptr, index):
         return _span(ptr, index + 1)[index]
+
+    def store(ptr, index, value):
+        _span(ptr, index + 1)[index] = value
 
     def fence():
         return None
