@@ -229,11 +229,13 @@ class Kernel:
         return self._ser
 
     def __call__(self, size, *args):
-        """Run on `args`; `size` (elements touched) picks the serial or the parallel build."""
-        # use_serial and parallel_guard written out: two Python calls fewer on every kernel
-        # call, which small calls feel
-        if (size < (self._serial_below or SERIAL_BELOW) or _forked_omp
-                or _num_threads() == 1):
+        """Run on `args`; `size` (elements touched) picks the build: the serial one below
+        `serial_below` elements (default SERIAL_BELOW), at one thread, and in forked children of
+        an OpenMP process; else the parallel one."""
+        # written out, parallel_guard's cached answer too: every Python call saved here is
+        # saved on every kernel call, which small calls feel
+        below = SERIAL_BELOW if self._serial_below is None else self._serial_below
+        if size < below or _forked_omp or _num_threads() == 1:
             return (self._ser or self.serial)(*args)
         guard = _guard or parallel_guard()
         if guard is _NO_GUARD:  # skips entering a no-op context: 0.2 us of a 10 us call
@@ -254,20 +256,13 @@ def _num_threads():
     return n
 
 
-def use_serial(size, below=None):
-    """Whether a kernel touching `size` elements runs its serial build (parallel builds from
-    ``below`` elements, default SERIAL_BELOW)."""
-    below = SERIAL_BELOW if below is None else below
-    return size < below or _forked_omp or _num_threads() == 1
-
-
 def _flags(exact):
     return False if exact else set(FASTMATH)
 
 
 def kernel(func=None, *, exact=False, serial_below=None):
     """Decorate a `prange` loop as a :class:`Kernel`; `exact=True` for elementwise kernels and
-    for those calling the vector intrinsics; `serial_below`: see :func:`use_serial`."""
+    for those calling the vector intrinsics; `serial_below`: see :meth:`Kernel.__call__`."""
     if func is None:
         return lambda f: Kernel(f, _flags(exact), serial_below)
     return Kernel(func, _flags(exact), serial_below)

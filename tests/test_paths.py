@@ -123,21 +123,37 @@ def test_backward(path, shape, axis, dtype, training):
     assert_close(db, rdb, dtype, name="dbias")
 
 
+# Channels of fewer than 128 values: (shape, kernels of training, kernels of backward).
+# Statistics run as one call whatever the runs (in training too), inference is tiled; runs of
+# fewer than 24 values keep training's normalisation and backward tiled (the one-call kernels
+# lost there), longer ones run backward as one call, and training too up to 512 KB.
+SHORT_CHANNELS = [
+    ((40, 1000, 3), ["stats_small", "affine"], ["bwd_sums_short", "bwd_apply"]),
+    ((2, 600, 7, 7), ["train_small"], ["backward_small"]),
+    ((2, 2000, 7, 7), ["stats_small", "affine"], ["backward_small"]),
+]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_short_runs_stay_tiled(monkeypatch, dtype):
-    """Channels of fewer than 128 values in runs of fewer than 24: statistics run as one call
-    (in training too), normalisation, inference and backward take the tiled passes even when
-    the tensor is small enough for the one-call kernels (those lost there); all match the
-    reference."""
+@pytest.mark.parametrize("shape, train, backward", SHORT_CHANNELS)
+def test_short_channels_route(monkeypatch, dtype, shape, train, backward):
+    """Channels of fewer than 128 values in a tensor small enough for the one-call kernels:
+    each operation takes the kernels of ``SHORT_CHANNELS`` and matches the reference."""
     monkeypatch.setattr(_config, "LLC_BYTES", 32 << 20)
     seen = _spy(monkeypatch, ONE_CALL + TILED)
-    x, axis = _input((40, 1000, 3), 1, dtype)
-    w, b, rm, rv = params(1000, dtype, "paths")
+    x, axis = _input(shape, 1, dtype)
+    w, b, rm, rv = params(shape[1], dtype, "paths")
     y, mean, invstd = fastbn.batch_norm_train(x, w, b)
     ry, rmean, rinvstd = ref.batch_norm_train(x, w, b)
     assert_close(y, ry, dtype, slack=input_precision_slack(x, rinvstd, w), name="y")
     assert_close(mean, rmean, dtype, name="mean")
-    assert seen == ["stats_small", "affine"], seen
+    assert seen == train, seen
+    seen.clear()
+    m, v = fastbn.channel_stats(x)
+    rm2, rv2 = ref.channel_stats(x)
+    assert_close(m, rm2, dtype, name="stats mean")
+    assert_close(v, rv2, dtype, name="stats var")
+    assert seen == ["stats_small"], seen
     seen.clear()
     assert_close(fastbn.batch_norm_infer(x, rm, rv, w, b), ref.batch_norm_infer(x, rm, rv, w, b),
                  dtype, name="infer")
@@ -148,45 +164,8 @@ def test_short_runs_stay_tiled(monkeypatch, dtype):
     rdx, rdw, rdb = ref.batch_norm_backward(dy, x, mean, invstd, w)
     assert_close(dx, rdx, dtype, name="dx")
     assert_close(dw, rdw, dtype, name="dweight")
-    assert seen == ["bwd_sums_short", "bwd_apply"], seen
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_short_channels_of_long_runs_one_call(monkeypatch, dtype):
-    """Channels of fewer than 128 values in runs of 24 or more: statistics and backward run as
-    one call; training too up to 512 KB, beyond it its normalisation is tiled; inference is
-    tiled.  All match the reference."""
-    monkeypatch.setattr(_config, "LLC_BYTES", 32 << 20)
-    seen = _spy(monkeypatch, ONE_CALL + TILED)
-    for shape, train in (((2, 600, 7, 7), ["train_small"]),
-                         ((2, 2000, 7, 7), ["stats_small", "affine"])):
-        x, axis = _input(shape, 1, dtype)
-        C = shape[1]
-        w, b, rm, rv = params(C, dtype, "paths")
-        seen.clear()
-        y, mean, invstd = fastbn.batch_norm_train(x, w, b)
-        ry, rmean, rinvstd = ref.batch_norm_train(x, w, b)
-        assert_close(y, ry, dtype, slack=input_precision_slack(x, rinvstd, w), name="y")
-        assert_close(mean, rmean, dtype, name="mean")
-        assert seen == train, (shape, seen)
-        seen.clear()
-        m, v = fastbn.channel_stats(x)
-        rm2, rv2 = ref.channel_stats(x)
-        assert_close(m, rm2, dtype, name="stats mean")
-        assert_close(v, rv2, dtype, name="stats var")
-        assert seen == ["stats_small"], (shape, seen)
-        seen.clear()
-        assert_close(fastbn.batch_norm_infer(x, rm, rv, w, b), ref.batch_norm_infer(x, rm, rv, w, b),
-                     dtype, name="infer")
-        assert seen == ["affine"], (shape, seen)
-        seen.clear()
-        dy = like(x, "paths dy")
-        dx, dw, db = fastbn.batch_norm_backward(dy, x, mean, invstd, w)
-        rdx, rdw, rdb = ref.batch_norm_backward(dy, x, mean, invstd, w)
-        assert_close(dx, rdx, dtype, name="dx")
-        assert_close(dw, rdw, dtype, name="dweight")
-        assert_close(db, rdb, dtype, name="dbias")
-        assert seen == ["backward_small"], (shape, seen)
+    assert_close(db, rdb, dtype, name="dbias")
+    assert seen == backward, seen
 
 
 @pytest.mark.parametrize("dtype, run, expected", [

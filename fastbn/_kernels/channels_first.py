@@ -57,8 +57,8 @@ def _run_moments(p, n):
     """Mean (as ``hi + lo``) and sum of squared deviations of the run of ``n`` values at
     ``p``, in one pass.
 
-    The sums are taken of ``x - hi`` with ``hi`` the run's first value, a sample of the run: the deviations
-    are of the order of the run's spread, so ``sum(d^2) - sum(d)^2 / n`` loses only
+    The sums are taken of ``x - hi`` with ``hi`` the run's first value, a sample of the run: the
+    deviations are of the order of the run's spread, so ``sum(d^2) - sum(d)^2 / n`` loses only
     ``eps * ((hi - mean) / std)^2`` relative, negligible unless the first element is an outlier
     by ~1e4 standard deviations (float64 accumulators).  ``lo = sum(d) / n`` keeps the mean to
     better than float64's resolution of ``hi`` for the merge (``merge.chan``).
