@@ -661,11 +661,7 @@ def _reduce(p, name, arrays, params, nout=2):
         getattr(_cf, name)(x3.size, *arrays, *params, R, W, SB, *bufs)
         if not name.startswith("moments"):  # only Chan's merge needs the counts
             return bufs, None
-        rows = np.full(KN, float(R))
-        rows[-1] = N - R * (KN - 1)
-        lens = np.full(KS, float(SB))
-        lens[-1] = S - SB * (KS - 1)
-        return bufs, np.outer(rows, lens).ravel()
+        return bufs, _tile_counts(N, R, S, SB)
     parts, counts = [], []
     for views, P in _cl_parts(arrays, C):
         M, Cw = views[0].shape
@@ -674,12 +670,47 @@ def _reduce(p, name, arrays, params, nout=2):
         bufs = np.empty((nout, K, Cw))
         tiled = params if P == 1 else _cl_params(params, C, P)
         getattr(_cl, _cl_reduction(name, views[0]))(views[0].size, *views, *tiled, R, W, *bufs)
-        n = np.full(K, float(R))
-        n[-1] = M - R * (K - 1)
+        n = _tile_counts(M, R)
         parts.append(bufs.reshape(nout, K * P, C))
         counts.append(n if P == 1 else np.repeat(n, P))
     bufs = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
     return bufs, counts[0] if len(counts) == 1 else np.concatenate(counts)
+
+
+@_memo_tiles
+def _tile_counts(N, R, S=1, SB=1):
+    """The values behind each partial of a reduction over ``N`` rows in blocks of ``R`` (by
+    ``S`` positions in blocks of ``SB``), in the partials' order; memoised (two ``np.full``
+    cost 1.2 us of a 12 us call) and read-only, as it is shared."""
+    rows = np.full(-(-N // R), float(R))
+    rows[-1] = N - R * (len(rows) - 1)
+    lens = np.full(-(-S // SB), float(SB))
+    lens[-1] = S - SB * (len(lens) - 1)
+    counts = np.outer(rows, lens).ravel()
+    counts.flags.writeable = False
+    return counts
+
+
+def _cl_tiled(p, x3, name):
+    """Whether the tiled passes of the view run back to back in one kernel call
+    (``channels_last.stats_tiled`` and its kin), ``name`` the reduction: channels-last views
+    that :func:`_cl_parts` leaves whole and whose reduction is the column kernel (see
+    :func:`_cl_reduction`)."""
+    return p.channels_last and p.C >= 16 and _cl_reduction(name, x3) == name
+
+
+def _cl_tiled_args(p, x3, y3, fresh, k):
+    """The tiles ``(R, W, Re, We)`` of a channels-last one-call tiled kernel (reduction, then
+    elementwise pass), and its parameter scratch ``(narrow, a, a32, lo32)`` and streaming
+    choice as :func:`_reduce` and :func:`_elementwise` would take them; ``k`` rows of
+    parameters."""
+    M, C = x3.shape
+    R, W = _cl_tiles(M, C, True, x3.itemsize)
+    Re, We = _cl_tiles(M, C, False, x3.itemsize)
+    narrow = _narrow(x3)
+    (a, _), (a32, rows32) = _param_rows(p, k, narrow)
+    nt = _nt(y3, fresh) and _streams(We, y3)
+    return (R, W, Re, We), (narrow, a, a32, _floor(rows32[0], _NEG_INF)), nt
 
 
 def _nt(out3, fresh):
@@ -754,8 +785,15 @@ def _moments(p, x3, method, ddof=0):
     else:
         mean = np.empty(p.C)
         var = np.empty(p.C)
-        (hi, lo, m2), counts = _reduce(p, "moments", (x3,), (), nout=3)
-        _merge.merge_moments(hi.size, counts, hi, lo, m2, mean, var, float(ddof))
+        if _cl_tiled(p, x3, "moments"):
+            M = x3.shape[0]
+            R, W = _cl_tiles(M, p.C, True, x3.itemsize)
+            bad = _cl.stats_tiled(x3.size, x3, R, W, _tile_counts(M, R), float(ddof), mean, var)
+        else:
+            (hi, lo, m2), counts = _reduce(p, "moments", (x3,), (), nout=3)
+            bad = _merge.merge_moments(hi.size, counts, hi, lo, m2, mean, var, float(ddof))
+        if not bad:
+            return mean, var
     return _nonfinite_means(p, x3, mean, var)
 
 
@@ -920,6 +958,15 @@ def _train(x, axis, weight, bias, eps, out, guard=()):
             _cl.train_small(_items_size(p, x3), *args)
         else:  # channels that fit in cache: y may be large enough to stream
             _cf.train_small(_items_size(p, x3), *args, _cf_nt(y3, fresh))
+    elif _cl_tiled(p, x3, "moments"):
+        mean = np.empty(C)
+        var = np.empty(C)
+        (R, W, Re, We), scratch, nt = _cl_tiled_args(p, x3, y3, fresh, 3)
+        if not _cl.train_tiled(x3.size, x3, R, W, _tile_counts(x3.shape[0], R), Re, We, w, b,
+                               eps, *scratch, y3, mean, var, nt):
+            # a mean NaN or infinite: nothing was written
+            mean, var = _nonfinite_means(p, x3, mean, var)
+            _affine(p, x3, y3, mean, var, w, b, eps, _NEG_INF, x3.size // C, fresh=fresh)
     else:
         mean, var = _moments(p, x3, "welford")
         _affine(p, x3, y3, mean, var, w, b, eps, _NEG_INF, x3.size // C,
@@ -1047,6 +1094,14 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
         else:  # channels that fit in cache: dx may be large enough to stream
             _cf.backward_small(size, x3, dy3, mean, invstd, w, training, _narrow(x3), dx3, grads,
                                _cf_nt(dx3, fresh))
+        if finish is not None:
+            finish()
+        return dx, grads[0], grads[1]
+    if _cl_tiled(p, x3, "bwd_sums"):
+        grads = np.empty((2, C), x.dtype)
+        tiles, scratch, nt = _cl_tiled_args(p, x3, dx3, fresh, 4)
+        _cl.backward_tiled(x3.size, x3, dy3, mean, invstd, w, *tiles, training, *scratch, dx3,
+                           grads, nt)
         if finish is not None:
             finish()
         return dx, grads[0], grads[1]

@@ -228,6 +228,19 @@ def test_channels_last_parameter_rows(monkeypatch, shape, dtype):
             return _kernel(size, *args)
 
         monkeypatch.setattr(F._cl, name, spy)
+    # the one-call tiled kernels take the scratch whole (rows of at least C values) and the
+    # elementwise tiles' width, at these positions among their arguments
+    for name, we, scratch in (("train_tiled", 5, 10), ("backward_tiled", 8, 11)):
+        kernel = getattr(F._cl, name)
+
+        def spy(size, *args, _kernel=kernel, _we=we, _a=scratch):
+            x2, W = args[0], args[_we]
+            rows = [r for a in args[_a:_a + 2] for r in a]
+            seen.append(([r.__array_interface__["data"][0] % 64 for r in rows],
+                         W * x2.itemsize, all(r.shape[0] >= x2.shape[1] for r in rows)))
+            return _kernel(size, *args)
+
+        monkeypatch.setattr(F._cl, name, spy)
     # past the one-call sizes, so that the tiled elementwise passes run
     monkeypatch.setattr(_config, "SERIAL_BELOW", 1)
     monkeypatch.setattr(F, "_FUSED_BLOCK_BYTES", 0)
@@ -253,6 +266,71 @@ def test_channels_last_parameter_rows(monkeypatch, shape, dtype):
             assert offsets and set(offsets) == {0}, offsets
             assert tile_bytes <= 4096, tile_bytes
             assert tiled_width, "parameter rows do not span the kernel view's row"
+
+
+# channels-last tensors past the one-call sizes: one block of 64 channels, rows of 48 float32
+# values; two merge blocks (more than 256 channels); a row count that is not a multiple of the
+# tile's; channels-last 4-D
+TILED_CL = [((1152, 48), -1), ((600, 300), -1), ((2001, 40), 1), ((4, 12, 12, 64), -1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, axis", TILED_CL)
+@pytest.mark.parametrize("nonfinite", [False, True])
+def test_channels_last_tiled_in_one_call(monkeypatch, shape, axis, dtype, nonfinite):
+    """Channels-last tensors past the one-call sizes run their tiled passes back to back in one
+    kernel call (``channels_last.stats_tiled``, ``train_tiled``, ``backward_tiled``), which
+    must give exactly what the same passes give driven from Python, with infinities and NaN in
+    some channels too (training then finishes in Python), and match the reference."""
+    x, axis = _input(shape, axis, dtype)
+    C = shape[axis]
+    if nonfinite:
+        xm = np.moveaxis(x, axis, -1)
+        xm[..., 3].flat[7] = np.inf
+        xm[..., 5].flat[2] = np.nan
+        xm[..., 6].flat[0] = -np.inf
+        xm[..., 6].flat[9] = np.inf
+    w, b, _, _ = params(C, dtype, "paths")
+    dy = np.random.default_rng(6).standard_normal(shape).astype(dtype)
+    seen = []
+    for name in ("stats_tiled", "train_tiled", "backward_tiled"):
+        kernel = getattr(F._cl, name)
+
+        def spy(size, *args, _kernel=kernel, _name=name):
+            seen.append(_name)
+            return _kernel(size, *args)
+
+        monkeypatch.setattr(F._cl, name, spy)
+
+    def run():
+        stats = fastbn.channel_stats(x, axis=axis, ddof=1)
+        y, mean, invstd = fastbn.batch_norm_train(x, w, b, axis=axis)
+        grads = [fastbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, training=t)
+                 for t in (True, False)]
+        return stats, (y, mean, invstd), *grads
+
+    one_call = run()
+    assert seen == ["stats_tiled", "train_tiled", "backward_tiled", "backward_tiled"], seen
+    monkeypatch.setattr(F, "_cl_tiled", lambda *args: False)
+    seen.clear()
+    driven = run()
+    assert seen == [], seen
+    for got, want in zip(one_call, driven):
+        for g, v in zip(got, want):
+            np.testing.assert_array_equal(g, v)
+    if not nonfinite:
+        (mean, var), (y, _, invstd) = one_call[:2]
+        rmean, rvar = ref.channel_stats(x, axis, ddof=1)
+        assert_close(mean, rmean, dtype, name="mean")
+        assert_close(var, rvar, dtype, name="var")
+        ry, _, rinvstd = ref.batch_norm_train(x, w, b, axis=axis)
+        assert_close(y, ry, dtype, slack=input_precision_slack(x, rinvstd, w), name="y")
+        for (dx, dw, db), training in zip(one_call[2:], (True, False)):
+            rdx, rdw, rdb = ref.batch_norm_backward(dy, x, one_call[1][1], invstd, w, axis=axis,
+                                                    training=training)
+            assert_close(dx, rdx, dtype, slack=input_precision_slack(x, rinvstd, w), name="dx")
+            assert_close(dw, rdw, dtype, name="dweight")
+            assert_close(db, rdb, dtype, name="dbias")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
