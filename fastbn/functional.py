@@ -699,18 +699,14 @@ def _cl_tiled(p, x3, name):
     return p.channels_last and p.C >= 16 and _cl_reduction(name, x3) == name
 
 
-def _cl_tiled_args(p, x3, y3, fresh, k):
+def _cl_tiled_args(p, x3, y3, fresh):
     """The tiles ``(R, W, Re, We)`` of a channels-last one-call tiled kernel (reduction, then
-    elementwise pass), and its parameter scratch ``(narrow, a, a32, lo32)`` and streaming
-    choice as :func:`_reduce` and :func:`_elementwise` would take them; ``k`` rows of
-    parameters."""
+    elementwise pass) and its streaming choice, as :func:`_reduce` and :func:`_elementwise`
+    would take them."""
     M, C = x3.shape
     R, W = _cl_tiles(M, C, True, x3.itemsize)
     Re, We = _cl_tiles(M, C, False, x3.itemsize)
-    narrow = _narrow(x3)
-    (a, _), (a32, rows32) = _param_rows(p, k, narrow)
-    nt = _nt(y3, fresh) and _streams(We, y3)
-    return (R, W, Re, We), (narrow, a, a32, _floor(rows32[0], _NEG_INF)), nt
+    return (R, W, Re, We), _nt(y3, fresh) and _streams(We, y3)
 
 
 def _nt(out3, fresh):
@@ -961,11 +957,15 @@ def _train(x, axis, weight, bias, eps, out, guard=()):
     elif _cl_tiled(p, x3, "moments"):
         mean = np.empty(C)
         var = np.empty(C)
-        (R, W, Re, We), scratch, nt = _cl_tiled_args(p, x3, y3, fresh, 3)
-        if not _cl.train_tiled(x3.size, x3, R, W, _tile_counts(x3.shape[0], R), Re, We, w, b,
-                               eps, *scratch, y3, mean, var, nt):
-            # a mean NaN or infinite: nothing was written
-            mean, var = _nonfinite_means(p, x3, mean, var)
+        (R, W, Re, We), nt = _cl_tiled_args(p, x3, y3, fresh)
+        narrow = _narrow(x3)
+        (a, _), (a32, rows32) = _param_rows(p, 3, narrow)
+        status = _cl.train_tiled(x3.size, x3, R, W, _tile_counts(x3.shape[0], R), Re, We, w, b,
+                                 eps, narrow, a, a32, _floor(rows32[0], _NEG_INF), y3, mean, var,
+                                 nt)
+        if status:  # nothing written yet: a mean NaN or infinite (1), float64 lanes needed (2)
+            if status == 1:
+                mean, var = _nonfinite_means(p, x3, mean, var)
             _affine(p, x3, y3, mean, var, w, b, eps, _NEG_INF, x3.size // C, fresh=fresh)
     else:
         mean, var = _moments(p, x3, "welford")
@@ -1097,11 +1097,14 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
         if finish is not None:
             finish()
         return dx, grads[0], grads[1]
-    if _cl_tiled(p, x3, "bwd_sums"):
+    if training and _cl_tiled(p, x3, "bwd_sums"):
         grads = np.empty((2, C), x.dtype)
-        tiles, scratch, nt = _cl_tiled_args(p, x3, dx3, fresh, 4)
-        _cl.backward_tiled(x3.size, x3, dy3, mean, invstd, w, *tiles, training, *scratch, dx3,
-                           grads, nt)
+        tiles, nt = _cl_tiled_args(p, x3, dx3, fresh)
+        narrow = _narrow(x3)
+        (a, rows), (a32, _) = _param_rows(p, 4, narrow)
+        if not _cl.backward_tiled(x3.size, x3, dy3, mean, invstd, w, *tiles, narrow, a, a32, dx3,
+                                  grads, nt):  # float64 lanes needed: the parameters are in a
+            _elementwise(p, "bwd_apply", (x3, dy3), rows, (), dx3, fresh)
         if finish is not None:
             finish()
         return dx, grads[0], grads[1]

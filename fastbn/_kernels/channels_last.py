@@ -233,9 +233,12 @@ def bwd_apply(x, dy, mu, a, q, r, dx, R, W, nt):
 # parameters as when Python drives the passes one by one (so the same results), without the
 # Python steps, scratch arrays and dispatches in between (about 5 us a call).  Whole calls,
 # float32, alternating in one process with the passes driven from Python, statistics, training
-# and backward: (8, 12, 12, 48) 1.36x, 1.35x and 1.27x at 2 threads (1.58x, 1.41x and 1.29x at
-# one), (1024, 64) 1.41x, 1.34x, 1.25x, (2, 56, 56, 64) 1.19x, 1.11x, 1.07x, (8, 28, 28, 512)
-# 1.10x, 1.09x, 1.07x, (32, 56, 56, 64) 1.13x, 1.03x, 1.03x.
+# and backward, 2 threads: (8, 12, 12, 48) 1.60x, 1.46x and 1.33x (1.58x, 1.41x and 1.29x at
+# one thread), (4, 14, 14, 64) 1.61x, 1.47x, 1.40x, (1024, 64) 1.62x, 1.48x, 1.37x,
+# (2, 56, 56, 64) 1.26x, 1.14x, 1.09x, (8, 28, 28, 512) 1.10x, 1.09x, 1.07x, (32, 56, 56, 64)
+# 1.13x, 1.03x, 1.03x.  The price is compilation: Numba compiles each of these kernels whole,
+# so the first calls of every operation on a (1152, 48) float32 tensor took 12.8 s with an
+# empty cache instead of 6.0 s.
 
 
 @helper(exact=True)
@@ -263,44 +266,39 @@ def stats_tiled(x, R, W, count, ddof, mean, var):
     return _stats_tiles(x, R, W, count, ddof, mean, var)
 
 
+# The one-call kernels below finish only in the lanes of the data's type (float32 parameters
+# for float32 data), and backward only in training mode: what else the passes need (float64
+# lanes for float32 data whose parameters are beyond float32's comfortable range, evaluation
+# mode, channels with infinities or NaN) is rare and left to the Python-driven passes, so each
+# kernel compiles one variant of its elementwise pass (with every variant, the first training
+# and backward calls on a (1152, 48) float32 tensor took 14.7 s to compile instead of 9.9).
+
+
 @kernel(exact=True)
 def train_tiled(x, R, W, count, Re, We, weight, bias, eps, narrow, a, a32, lo32, y, mean,
                 var, nt):
     """Forward training: :func:`stats_tiled`, then ``merge.affine_params`` into the scratch
-    ``a`` (float64) and ``a32`` (float32 lanes; ``lo32`` the floor in its type), then
-    :func:`affine` in tiles of ``Re`` rows by ``We`` channels.  Returns False, with nothing
-    written to ``y``, where a mean came out NaN or infinite: the caller finishes those
-    channels and the pass."""
+    ``a`` (float64) and ``a32`` (float32, or ``a`` for float64 data; ``lo32`` the floor in
+    its type), then :func:`affine` in tiles of ``Re`` rows by ``We`` channels.  Returns 0 when
+    done; else nothing was written to ``y``: 1 where a mean came out NaN or infinite, 2 where
+    float32 data needs float64 lanes (see above)."""
     M, C = x.shape
     if _stats_tiles(x, R, W, count, 0.0, mean, var):
-        return False
-    if affine_params(mean, var, weight, bias, eps, M, narrow, a, a32):
-        _affine_tiles(x, a32[0, :C], a32[1, :C], a32[2, :C], lo32, y, Re, We, nt)
-    else:
-        _affine_tiles(x, a[0, :C], a[1, :C], a[2, :C], -math.inf, y, Re, We, nt)
-    return True
-
-
-@helper(exact=True, inline=True)
-def _backward_apply(x, dy, p, lo, dx, Re, We, training, nt):
-    """``dx`` from the coefficient rows ``p`` (``merge.backward_params``), see
-    :func:`backward_tiled`."""
-    C = x.shape[1]
-    if training:
-        _bwd_apply_tiles(x, dy, p[0, :C], p[1, :C], p[2, :C], p[3, :C], dx, Re, We, nt)
-    else:
-        # evaluation mode: dx = a * dy, independent of x (an infinite x must not give NaN); q
-        # is 0, and its row serves as centre and shift
-        _affine_tiles(dy, p[2, :C], p[1, :C], p[2, :C], lo, dx, Re, We, nt)
+        return 1
+    if affine_params(mean, var, weight, bias, eps, M, narrow, a, a32) != narrow:
+        return 2
+    _affine_tiles(x, a32[0, :C], a32[1, :C], a32[2, :C], lo32, y, Re, We, nt)
+    return 0
 
 
 @kernel(exact=True)
-def backward_tiled(x, dy, mu, invstd, weight, R, W, Re, We, training, narrow, a, a32, lo32, dx,
-                   grads, nt):
-    """Backward: :func:`bwd_sums` in tiles of ``R`` rows by ``W`` channels, their merge,
-    ``merge.backward_params`` into the scratch ``a`` and ``a32`` (as :func:`train_tiled`), then
-    ``dx`` in tiles of ``Re`` rows by ``We`` channels, and ``grads`` (``dweight``, ``dbias``).
-    ``mu``, ``invstd`` and ``weight`` (or None) come as the caller passed them."""
+def backward_tiled(x, dy, mu, invstd, weight, R, W, Re, We, narrow, a, a32, dx, grads, nt):
+    """Backward in training mode: :func:`bwd_sums` in tiles of ``R`` rows by ``W`` channels,
+    their merge, ``merge.backward_params`` into the scratch ``a`` and ``a32`` (as
+    :func:`train_tiled`), ``grads`` (``dweight``, ``dbias``), then ``dx`` in tiles of ``Re``
+    rows by ``We`` channels.  ``mu``, ``invstd`` and ``weight`` (or None) come as the caller
+    passed them.  Returns False, with nothing written to ``dx``, where float32 data needs
+    float64 lanes: the caller finishes with the parameters in ``a``."""
     M, C = x.shape
     m = _float64(mu)
     istd = _float64(invstd)
@@ -308,11 +306,11 @@ def backward_tiled(x, dy, mu, invstd, weight, R, W, Re, We, training, narrow, a,
     _bwd_sums_tiles(x, dy, m, R, W, parts[0], parts[1])
     sums = np.empty((2, C))
     merged_sums(parts, sums)
-    if backward_params(sums, m, istd, weight, float(M), training, narrow, a, a32):
-        _backward_apply(x, dy, a32, lo32, dx, Re, We, training, nt)
-    else:
-        _backward_apply(x, dy, a, -math.inf, dx, Re, We, training, nt)
     grads_out(sums, istd, grads)
+    if backward_params(sums, m, istd, weight, float(M), True, narrow, a, a32) != narrow:
+        return False
+    _bwd_apply_tiles(x, dy, a32[0, :C], a32[1, :C], a32[2, :C], a32[3, :C], dx, Re, We, nt)
+    return True
 
 
 # ----------------------------------------------------------------------------- small tensors

@@ -72,11 +72,8 @@ def merged_moments(count, hi, lo, m2, mean_out, var_out, ddof):
     ``functional._nonfinite_means``): counted here, testing them in NumPy afterwards cost
     1.3 us of a 20 us call."""
     C = hi.shape[1]
-    blocks = (C + _BLOCK - 1) // _BLOCK
-    if blocks == 1:  # a parallel loop of one item still wakes every thread
-        return _moments_block(count, hi, lo, m2, mean_out, var_out, ddof, 0, C)
     bad = 0
-    for blk in numba.prange(blocks):
+    for blk in numba.prange((C + _BLOCK - 1) // _BLOCK):
         c0 = blk * _BLOCK
         bad += _moments_block(count, hi, lo, m2, mean_out, var_out, ddof, c0,
                               min(C, c0 + _BLOCK))
@@ -108,11 +105,7 @@ def merged_sums(parts, out):
     """``out[j, c] = sum_k parts[j, k, c]``, summed in a fixed order of ``k`` (vectorised across
     channels)."""
     C = parts.shape[2]
-    blocks = (C + _BLOCK - 1) // _BLOCK
-    if blocks == 1:  # as in merged_moments
-        _sums_block(parts, out, 0, C)
-        return
-    for blk in numba.prange(blocks):
+    for blk in numba.prange((C + _BLOCK - 1) // _BLOCK):
         c0 = blk * _BLOCK
         _sums_block(parts, out, c0, min(C, c0 + _BLOCK))
 
