@@ -329,14 +329,14 @@ def _block_moments(p0, p1, rs, M, n, mean, m2):
     ``_channel_moments``.  Returns whether every mean is finite (else see
     :func:`_unshifted_columns`)."""
     column_moments((p1,), M - 1, n, (rs,), (p0,), mean, m2)
-    ok = True
+    bad = 0  # counted without branches, so that the loop vectorises
     for j in range(n):
         d1 = load(mean, j)
         m = np.float64(load(p0, j)) + d1 / M
         store(m2, j, _m2(d1, load(m2, j), float(M)))
         store(mean, j, m)
-        ok = ok and abs(m) < math.inf
-    return ok
+        bad += not abs(m) < math.inf
+    return bad == 0
 
 
 @helper(exact=True)
@@ -366,9 +366,10 @@ def stats_small(x, denom, out):
         if not _block_moments(at(x, (0, c0)), at(x, (1, c0)), _rows(x), M, c1 - c0,
                               at(mean, (c0,)), at(m2, (c0,))):
             _unshifted_columns(x, c0, c1, mean, m2)
-        for c in range(c0, c1):
-            out[0, c] = mean[c]
-            out[1, c] = m2[c] / denom
+        o0, o1, mb, vb = out[0, c0:c1], out[1, c0:c1], mean[c0:c1], m2[c0:c1]
+        for j in range(c1 - c0):  # from 0, so that it vectorises (see backward_small)
+            o0[j] = mb[j]
+            o1[j] = vb[j] / denom
 
 
 @kernel(exact=True)
@@ -410,14 +411,16 @@ def train_small(x, weight, bias, eps, narrow, y, mean, var):
         if not _block_moments(at(x, (0, c0)), at(x, (1, c0)), _rows(x), M, c1 - c0,
                               at(mean, (c0,)), at(var, (c0,))):
             _unshifted_columns(x, c0, c1, mean, var)
-        for c in range(c0, c1):
-            v = var[c] / M
-            var[c] = v
-            scale[c] = 1.0 / math.sqrt(v + eps)
+        vb, sb, hb = var[c0:c1], scale[c0:c1], shift[c0:c1]
+        for j in range(c1 - c0):  # from 0, so that it vectorises (see backward_small)
+            v = vb[j] / M
+            vb[j] = v
+            sc = 1.0 / math.sqrt(v + eps)
             if weight is not None:
-                scale[c] *= weight[c]
+                sc *= weight[c0 + j]
+            sb[j] = sc
             if bias is not None:
-                shift[c] = bias[c]
+                hb[j] = bias[c0 + j]
         par = (at(mean, (c0,)), at(scale, (c0,)), at(shift, (c0,)), -math.inf)
         affine_rows((at(x, (0, c0)),), at(y, (0, c0)), c1 - c0, par, M, strides)
 
@@ -435,36 +438,41 @@ def backward_small(x, dy, mu, invstd, weight, training, narrow, dx, grads):
     for b in numba.prange(_blocks(C)):
         c0 = b * BLOCK
         c1 = min(C, c0 + BLOCK)
-        for c in range(c0, c1):
-            par[0, c] = np.float64(mu[c])
+        # The per-channel loops index slices from 0 and count without branches: indexed from
+        # c0, with an early exit, they ran scalar, 3.5 of the 6.4 us of (2, 1024) at 1 thread.
+        pm, pa, pq, pr = par[0, c0:c1], par[1, c0:c1], par[2, c0:c1], par[3, c0:c1]
+        mub = mu[c0:c1]
+        ivb = invstd[c0:c1]
+        g0, g1 = grads[0, c0:c1], grads[1, c0:c1]
+        for j in range(c1 - c0):
+            pm[j] = np.float64(mub[j])
         column_bwd_sums((at(x, (0, c0)), at(dy, (0, c0))), M, c1 - c0, rows[:2],
                         (at(par, (0, c0)),), at(par, (2, c0)), at(par, (3, c0)))
-        fits = narrow
-        for c in range(c0, c1):
-            sg = par[2, c]
-            sgx = par[3, c]
-            istd = np.float64(invstd[c])
-            grads[0, c] = sgx * istd
-            grads[1, c] = sg
-            a = istd if weight is None else np.float64(weight[c]) * istd
+        bad = 0
+        for j in range(c1 - c0):
+            sg = pq[j]
+            sgx = pr[j]
+            istd = np.float64(ivb[j])
+            g0[j] = sgx * istd
+            g1[j] = sg
+            a = istd if weight is None else np.float64(weight[c0 + j]) * istd
             q, r = bwd_coefficients(sg, sgx, istd, L, training)
-            par[1, c] = a
-            par[2, c] = q
-            par[3, c] = r
-            fits = fits and bwd_fits32(par[0, c], a, q, r, istd, L)
+            pa[j] = a
+            pq[j] = q
+            pr[j] = r
+            bad += not bwd_fits32(pm[j], a, q, r, istd, L)
         src = (at(x, (0, c0)), at(dy, (0, c0)))
         dst = at(dx, (0, c0))
         if not training:
             # evaluation mode: dx = a * dy, independent of x (an infinite x must not give NaN)
             affine_rows((at(dy, (0, c0)),), dst, c1 - c0, (0.0, at(par, (1, c0)), 0.0, -math.inf),
                         M, rows[1:])
-        elif fits:
-            for c in range(c0, c1):
-                m32, r32 = narrow_centre(par[0, c], par[2, c], par[3, c])
-                p32[0, c] = m32
-                p32[1, c] = par[1, c]
-                p32[2, c] = par[2, c]
-                p32[3, c] = r32
+        elif narrow and bad == 0:
+            q0, q1, q2, q3 = p32[0, c0:c1], p32[1, c0:c1], p32[2, c0:c1], p32[3, c0:c1]
+            for j in range(c1 - c0):
+                q0[j], q3[j] = narrow_centre(pm[j], pq[j], pr[j])
+                q1[j] = pa[j]
+                q2[j] = pq[j]
             bwd_apply_rows(src, dst, c1 - c0, (at(p32, (0, c0)), at(p32, (1, c0)),
                                                at(p32, (2, c0)), at(p32, (3, c0))), M, rows)
         else:
