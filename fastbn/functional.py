@@ -599,6 +599,10 @@ def _cl_params(params, C, P):
     return rows
 
 
+# Channels-last views with at least this many channels run rows as they are (see _cl_parts)
+_CL_WHOLE_ROWS = 16
+
+
 def _cl_parts(arrays, C):
     """Split same-shaped channels-last views ``(M, C)`` into kernel-friendly parts.
 
@@ -613,7 +617,7 @@ def _cl_parts(arrays, C):
     backward 521 -> 315 us; float64 (64, 224, 224, 3) (66 -> 72) training 11.3 -> 9.4 ms.
     Returns ``[(views, P), ...]``.
     """
-    if C >= 16:
+    if C >= _CL_WHOLE_ROWS:
         return [(arrays, 1)]
     line = _LINE // arrays[0].itemsize
     P = -(-64 // C)
@@ -696,7 +700,7 @@ def _cl_tiled(p, x3, name):
     (``channels_last.stats_tiled`` and its kin), ``name`` the reduction: channels-last views
     that :func:`_cl_parts` leaves whole and whose reduction is the column kernel (see
     :func:`_cl_reduction`)."""
-    return p.channels_last and p.C >= 16 and _cl_reduction(name, x3) == name
+    return p.channels_last and p.C >= _CL_WHOLE_ROWS and _cl_reduction(name, x3) == name
 
 
 def _cl_tiled_args(p, x3, y3, fresh):
