@@ -17,6 +17,8 @@ import numpy as np
 
 from . import _pool
 
+_PAGE = 4096
+
 try:  # NumPy >= 2.1 says so directly
     np.reshape(np.empty((2, 2))[:, :1], (2,), copy=False)
 
@@ -81,12 +83,20 @@ class Plan:
             v = buf.reshape(self.shape3)
         return v
 
-    def new_output(self, x):
+    def new_output(self, x, apart=None):
         """A new output for the planned array ``x``, in its memory order: ``(y, y3, finish,
         reused)`` with its kernel view and finisher (see :meth:`output`), and whether its memory
-        was written before (see _pool)."""
+        was written before (see _pool).  ``apart`` (None, or an input array like ``x``): for
+        passes that walk a channel's rows, where those rows lie whole pages apart, start it away
+        from the page offsets of ``x`` and ``apart`` (see ``_pool.empty_apart``; channels-first
+        only: the channels-last passes measured no different)."""
         if self.trivial and x.nbytes < _pool.MIN_BYTES:  # never pooled: the common case, direct
-            y = np.empty(self.shape, x.dtype)
+            rows = self.shape3[0]
+            if (apart is not None and not self.channels_last and rows > 1
+                    and x.nbytes >= _pool.APART_MIN_BYTES and x.nbytes // rows % _PAGE == 0):
+                y = _pool.empty_apart(self.shape, x.dtype, x.nbytes, x, apart)
+            else:
+                y = np.empty(self.shape, x.dtype)
             return y, y.reshape(self.shape3), None, False
         if self.index is None:  # axes in the kernel's order, which is x's order of strides
             base, reused = _pool.empty(self.kshape, x.dtype, x.nbytes)

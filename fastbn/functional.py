@@ -202,12 +202,14 @@ def _new_output(x):
     return np.empty_like(x, order="K")
 
 
-def _output(p, x, out, inputs):
+def _output(p, x, out, inputs, apart=None):
     """``(y, y3, finish, fresh)``: the output (``out`` checked against ``inputs``, or a new
-    array like ``x``), its kernel view and finisher (see ``_layout.Plan.output``), and whether
-    the kernel view is memory never written before (see :func:`_elementwise`)."""
+    array like ``x``, placed apart from ``x`` and ``apart`` as ``_layout.Plan.new_output``
+    says), its kernel view and
+    finisher (see ``_layout.Plan.output``), and whether the kernel view is memory never written
+    before (see :func:`_elementwise`)."""
     if out is None:
-        y, y3, finish, reused = p.new_output(x)
+        y, y3, finish, reused = p.new_output(x, apart)
         return y, y3, finish, not reused
     y = _check_out(out, x, inputs=inputs)
     # a subclass is written through a plain view of its memory: reshaped, np.matrix stays 2-D
@@ -948,7 +950,8 @@ def _train(x, axis, weight, bias, eps, out, guard=()):
     w = _param(weight, "weight", C)
     b = _param(bias, "bias", C)
     p = _layout.plan(x, axis)
-    y, y3, finish, fresh = _output(p, x, out, ((x, "x"), (w, "weight"), (b, "bias")) + guard)
+    y, y3, finish, fresh = _output(p, x, out, ((x, "x"), (w, "weight"), (b, "bias")) + guard,
+                                   apart=x)
     x3 = p.as_input(x)
     if _fuse_train(p, x) or _long_channels(p, x3):
         mean = np.empty(C)
@@ -1087,7 +1090,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
         z = np.zeros(C, dtype=x.dtype)
         return dx, z, z.copy()
     p = _layout.plan(x, axis)
-    dx, dx3, finish, fresh = _output(p, x, out, inputs)
+    dx, dx3, finish, fresh = _output(p, x, out, inputs, apart=dy)
     x3 = p.as_input(x)
     dy3 = p.as_input(dy)
     if _fuse_backward(p, x3):

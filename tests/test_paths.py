@@ -21,10 +21,11 @@ from fastbn import functional as F
 # (shape, axis): short runs (the *_short reductions when tiled), runs of 128 values or more,
 # runs of 1 KB in float32 (the short statistics, float32 lanes from 128 values, the per-run
 # backward sums), an NCL tensor,
-# every other sample of a batch (rows further apart than a sample), and a channel axis that is
-# not the second
+# every other sample of a batch (rows further apart than a sample), a channel axis that is
+# not the second, and samples a whole number of pages long (new outputs placed apart from the
+# inputs, _pool.empty_apart)
 SHAPES = [((16, 48, 7, 7), 1), ((4, 24, 40, 40), 1), ((12, 40, 16, 16), 1), ((6, 32, 300), 1),
-          ((6, 64, 20, 20), "odd"), ((20, 20, 64, 3), 2)]
+          ((6, 64, 20, 20), "odd"), ((20, 20, 64, 3), 2), ((16, 64, 8, 8), 1)]
 DTYPES = [np.float32, np.float64]
 ONE_CALL = ("train_small", "infer_small", "stats_small", "backward_small")
 TILED = ("moments", "moments_short", "moments32", "affine", "bwd_sums", "bwd_sums_short", "bwd_apply")

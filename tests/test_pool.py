@@ -13,7 +13,7 @@ import inputs
 import numpy as np
 import pytest
 import reference
-from util import assert_close
+from util import assert_close, input_precision_slack
 
 import fastbn
 from fastbn import _pool
@@ -169,3 +169,58 @@ def test_other_layouts_through_the_pool(pooled, layout):
         del y
         gc.collect()
     assert _pool.cached_bytes() > 0
+
+
+def _page_offset(a):
+    return a.__array_interface__["data"][0] % 4096
+
+
+def _at_offset(shape, dtype, offset):
+    """A C-contiguous array starting ``offset`` bytes into a page."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + 8192, np.uint8)
+    start = (offset - _page_offset(raw)) % 4096
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _page_gap(a, b):
+    d = (_page_offset(a) - _page_offset(b)) % 4096
+    return min(d, 4096 - d)
+
+
+@pytest.mark.parametrize("ox, ody", [(16, 16), (0, 2048), (16, 1040), (4000, 64), (2048, 2048)])
+def test_empty_apart_keeps_a_quarter_page_from_both_inputs(ox, ody):
+    shape = (8, 64, 16, 16)
+    x = _at_offset(shape, np.float32, ox)
+    dy = _at_offset(shape, np.float32, ody)
+    for _ in range(8):  # whatever the allocator hands out first
+        y = _pool.empty_apart(shape, np.float32, x.nbytes, x, dy)
+        assert y.shape == shape and y.dtype == np.float32 and y.flags.c_contiguous
+        assert y.flags.writeable and y.nbytes == x.nbytes
+        assert _page_gap(y, x) >= 1024 and _page_gap(y, dy) >= 1024, (_page_offset(x),
+                                                                      _page_offset(dy),
+                                                                      _page_offset(y))
+        assert not np.may_share_memory(y, x) and not np.may_share_memory(y, dy)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_outputs_of_page_strided_rows_lie_apart_and_are_right(dtype):
+    # (16, 64, 8, 8): each sample's rows lie 16 KB (32 KB) apart, and the tensor is large enough
+    # for new outputs to be placed away from the inputs' page offsets
+    shape = (16, 64, 8, 8)
+    x = _at_offset(shape, dtype, 64)
+    x[...] = _data(shape, dtype)
+    dy = _at_offset(shape, dtype, 64)
+    dy[...] = _data(shape, dtype, key="dy")
+    w, b, _, _ = _params(64, dtype)
+    y, mean, invstd = fastbn.batch_norm_train(x, w, b)
+    assert _page_gap(y, x) >= 1024
+    ry, rmean, rinvstd = reference.batch_norm_train(x, w, b)
+    assert_close(y, ry, dtype, slack=input_precision_slack(x, rinvstd, w), name="y")
+    dx, dw, db = fastbn.batch_norm_backward(dy, x, rmean.astype(dtype), rinvstd.astype(dtype), w)
+    assert _page_gap(dx, x) >= 1024 and _page_gap(dx, dy) >= 1024
+    rdx, rdw, rdb = reference.batch_norm_backward(dy, x, rmean.astype(dtype),
+                                                  rinvstd.astype(dtype), w)
+    assert_close(dx, rdx, dtype, name="dx")
+    assert_close(dw, rdw, dtype, name="dweight")
+    assert_close(db, rdb, dtype, name="dbias")

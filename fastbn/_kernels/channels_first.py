@@ -455,19 +455,31 @@ def infer_small(x, center, var, weight, bias, eps, lo, narrow, y, params):
     """Inference in one call for small tensors: the per-channel parameters of
     ``merge.affine_params`` (into the float64 scratch ``params``), then ``y``, each channel in
     the lanes ``functional._affine`` would use -- float32 when ``narrow`` and the parameters
-    allow it -- so results equal the general path's."""
-    ok = affine_params(center, var, weight, bias, eps, 0, narrow, params, params)
+    allow it -- so results equal the general path's.
+
+    ``y`` is written in memory order, a few runs of one sample per work item: channel by
+    channel, a channel's runs lie a sample apart, often a whole number of pages (see
+    ``_pool.empty_apart``), and the walk measured up to 2x slower (2 threads, float32: (32, 128,
+    8, 8) 32.6 -> 15.8 us, (16, 128, 8, 8) 14.6 -> 9.5 us; (1, 512, 7, 7) 5.9 -> 5.6 us).  At
+    least 64 items where there are rows enough, at most 8 runs each: single runs per item cost
+    an item's overhead each ((32, 128, 7, 7) kernel 9.3 -> 14.4 us)."""
     N, C, S = x.shape
+    p32 = np.empty((3, C), np.float32)
+    ok = affine_params(center, var, weight, bias, eps, 0, narrow, params, p32)
     lo32 = np.float32(lo)
-    for c in numba.prange(C):
+    B = max(1, min(8, N * C // 64))
+    KB = (C + B - 1) // B
+    for it in numba.prange(N * KB):
+        n = it // KB
+        c0 = (it - n * KB) * B
+        c1 = min(C, c0 + B)
         if ok:
-            par32 = (np.float32(params[0, c]), np.float32(params[1, c]),
-                     np.float32(params[2, c]), lo32)
-            for n in range(N):
+            for c in range(c0, c1):
+                par32 = (p32[0, c], p32[1, c], p32[2, c], lo32)
                 affine_run((at(x, (n, c, 0)),), at(y, (n, c, 0)), S, par32)
         else:
-            par = (params[0, c], params[1, c], params[2, c], lo)
-            for n in range(N):
+            for c in range(c0, c1):
+                par = (params[0, c], params[1, c], params[2, c], lo)
                 affine_run((at(x, (n, c, 0)),), at(y, (n, c, 0)), S, par)
 
 
