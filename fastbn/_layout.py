@@ -17,8 +17,6 @@ import numpy as np
 
 from . import _pool
 
-_PAGE = 4096
-
 try:  # NumPy >= 2.1 says so directly
     np.reshape(np.empty((2, 2))[:, :1], (2,), copy=False)
 
@@ -93,7 +91,8 @@ class Plan:
         if self.trivial and x.nbytes < _pool.MIN_BYTES:  # never pooled: the common case, direct
             rows = self.shape3[0]
             if (apart is not None and not self.channels_last and rows > 1
-                    and x.nbytes >= _pool.APART_MIN_BYTES and x.nbytes // rows % _PAGE == 0):
+                    and x.nbytes >= _pool.APART_MIN_BYTES
+                    and x.nbytes // rows % _pool.PAGE == 0):
                 y = _pool.empty_apart(self.shape, x.dtype, x.nbytes, x, apart)
             else:
                 y = np.empty(self.shape, x.dtype)

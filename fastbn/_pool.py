@@ -103,7 +103,7 @@ def empty(shape, dtype, nbytes):
 # 42, 42, 43, 47, 58 us, training 50, 47, 43, 31, 31, 31, 39, 40, 47 us.  Below 256 KB the gain
 # did not pay for the check.
 APART_MIN_BYTES = 256 << 10
-_PAGE = 4096
+PAGE = 4096  # bytes, as far as the page-offset check sees
 _NEAR = 1024
 
 
@@ -111,18 +111,18 @@ _NEAR = 1024
 def _near(a, b, c):
     """The shortest distance, modulo a page, from the start of array ``a`` to that of ``b`` or
     of ``c`` (compiled: reading addresses from Python costs 1 us each)."""
-    db = (a.ctypes.data - b.ctypes.data) % _PAGE
-    dc = (a.ctypes.data - c.ctypes.data) % _PAGE
-    return min(db, _PAGE - db, dc, _PAGE - dc)
+    db = (a.ctypes.data - b.ctypes.data) % PAGE
+    dc = (a.ctypes.data - c.ctypes.data) % PAGE
+    return min(db, PAGE - db, dc, PAGE - dc)
 
 
 @helper
 def _farthest(raw, b, c):
     """The index into the byte array ``raw`` (at least a page long) farthest, modulo a page,
     from the starts of arrays ``b`` and ``c``: the middle of the wider gap between them."""
-    gap = (c.ctypes.data - b.ctypes.data) % _PAGE
-    mid = gap // 2 if gap >= _PAGE // 2 else (gap + _PAGE) // 2
-    return (b.ctypes.data + mid - raw.ctypes.data) % _PAGE
+    gap = (c.ctypes.data - b.ctypes.data) % PAGE
+    mid = gap // 2 if gap >= PAGE // 2 else (gap + PAGE) // 2
+    return (b.ctypes.data + mid - raw.ctypes.data) % PAGE
 
 
 def empty_apart(shape, dtype, nbytes, ref, ref2):
@@ -132,7 +132,7 @@ def empty_apart(shape, dtype, nbytes, ref, ref2):
     y = np.empty(shape, dtype)
     if _near(y, ref, ref2) >= _NEAR:
         return y
-    raw = np.empty(nbytes + _PAGE, np.uint8)
+    raw = np.empty(nbytes + PAGE, np.uint8)
     start = _farthest(raw, ref, ref2)
     return raw[start:start + nbytes].view(dtype).reshape(shape)
 

@@ -205,9 +205,8 @@ def _new_output(x):
 def _output(p, x, out, inputs, apart=None):
     """``(y, y3, finish, fresh)``: the output (``out`` checked against ``inputs``, or a new
     array like ``x``, placed apart from ``x`` and ``apart`` as ``_layout.Plan.new_output``
-    says), its kernel view and
-    finisher (see ``_layout.Plan.output``), and whether the kernel view is memory never written
-    before (see :func:`_elementwise`)."""
+    says), its kernel view and finisher (see ``_layout.Plan.output``), and whether the kernel
+    view is memory never written before (see :func:`_elementwise`)."""
     if out is None:
         y, y3, finish, reused = p.new_output(x, apart)
         return y, y3, finish, not reused

@@ -460,9 +460,10 @@ def infer_small(x, center, var, weight, bias, eps, lo, narrow, y, params):
     ``y`` is written in memory order, a few runs of one sample per work item: channel by
     channel, a channel's runs lie a sample apart, often a whole number of pages (see
     ``_pool.empty_apart``), and the walk measured up to 2x slower (2 threads, float32: (32, 128,
-    8, 8) 32.6 -> 15.8 us, (16, 128, 8, 8) 14.6 -> 9.5 us; (1, 512, 7, 7) 5.9 -> 5.6 us).  At
-    least 64 items where there are rows enough, at most 8 runs each: single runs per item cost
-    an item's overhead each ((32, 128, 7, 7) kernel 9.3 -> 14.4 us)."""
+    8, 8) 32.6 -> 15.8 us, (16, 128, 8, 8) 14.6 -> 9.5 us; (1, 512, 7, 7) 5.9 -> 5.6 us; a
+    few samples of 49-value runs lost up to 8 %: (8, 128, 7, 7) 7.0 -> 7.6 us).  At least 64
+    items where there are rows enough, at most 8 runs each: one run per item measured slower
+    than channel by channel ((32, 128, 7, 7) kernel 14.4 against 9.3 us)."""
     N, C, S = x.shape
     p32 = np.empty((3, C), np.float32)
     ok = affine_params(center, var, weight, bias, eps, 0, narrow, params, p32)
