@@ -405,6 +405,16 @@ def _cf_row_tiles(NR, S):
 # 58 us, backward 95 -> 75 us, statistics 40 -> 21 us; with 256 KB blocks (2048, 512)
 # backward measured 1.1x slower.
 _FUSED_BLOCK_BYTES = 128 << 10
+# Training and backward on this many rows or more take the tiled passes in one call
+# (channels_last.train_tiled, backward_tiled) instead, though their blocks would fit: the
+# column sweeps of a block over many rows, far apart, lost to the tiled reduction and the
+# elementwise pass over whole rows.  Whole calls against the blocks, alternating in one process,
+# float32, 2 and 1 threads: (256, 1024) backward 1.01-1.13x and 1.14-1.32x, training 0.96-1.27x
+# and 1.18-1.46x; (512, 1024) backward 1.18-1.34x and 1.29-1.44x; (512, 256) 1.13x and 1.13x;
+# float64 (256, 1024) backward 1.04-1.06x and 1.08x.  With fewer rows the tiles are too few
+# and thin: (128, 256) backward 0.79x at 2 threads, (32, 4096) 0.83x, (8, 16384) training
+# 0.63x.  Statistics keep the blocks at every row count ((256, 512): 0.54x tiled).
+_FUSED_MAX_ROWS = 256
 # Statistics read every value once, so there only the strided reading of tensors that do not
 # fit in cache argues against blocks: from 16 blocks (C >= 1024) they measured faster up to
 # (1024, 2048) float32 (155 vs 381 us), where partial buffers and their merge grow with C.
@@ -469,21 +479,26 @@ def _long_runs(p):
     return not p.channels_last and p.shape3[2] >= _ONE_CALL_MIN_RUN
 
 
-def _fuse(p, x, cap=None, short=False):
+def _fuse(p, x, cap=None, short=False, few_rows=False):
     """Whether an operation runs as one kernel call (the ``*_small`` kernels): on small tensors
     the launches, not the memory traffic, are the cost.  By shape only, never by thread count,
     so that results do not depend on the number of threads.  ``cap``, ``short``: see
-    :func:`_cf_one_call`."""
+    :func:`_cf_one_call`; ``few_rows``: channels-last views with the tiled passes in one call
+    must have fewer than ``_FUSED_MAX_ROWS`` rows (training and backward)."""
     if x.size < _config.SERIAL_BELOW:
         return True
     if p.channels_last:
-        return p.shape3[0] * _cl.BLOCK * x.itemsize <= _FUSED_BLOCK_BYTES
+        M = p.shape3[0]
+        if few_rows and M >= _FUSED_MAX_ROWS and p.C >= _CL_WHOLE_ROWS:
+            return False
+        return M * _cl.BLOCK * x.itemsize <= _FUSED_BLOCK_BYTES
     return _cf_one_call(p, x, cap, short)
 
 
 def _fuse_train(p, x):
     """:func:`_fuse` for training (see ``_ONE_CALL_MIN_RUN``)."""
-    return _fuse(p, x, short=_long_runs(p) and x.nbytes <= _ONE_CALL_SHORT_TRAIN_BYTES)
+    return _fuse(p, x, short=_long_runs(p) and x.nbytes <= _ONE_CALL_SHORT_TRAIN_BYTES,
+                 few_rows=True)
 
 
 def _fuse_infer(p, x):
@@ -529,12 +544,13 @@ def _long_channels(p, x):
             and N * S * x.itemsize <= _config.LLC_BYTES // 16)
 
 
-def _fuse_backward(p, x):
+def _fuse_backward(p, x, training):
     """:func:`_fuse` for the backward pass (see ``_ONE_CALL_PASS_BYTES`` and
-    ``_CHANNEL_RUN_BYTES``)."""
+    ``_CHANNEL_RUN_BYTES``); the tiled passes run in one call in training mode only."""
     if x.size < _config.SERIAL_BELOW:  # as _fuse, without its calls (small calls add up)
         return True
-    return _fuse(p, x, _ONE_CALL_PASS_BYTES, _long_runs(p)) or _long_channels(p, x)
+    return (_fuse(p, x, _ONE_CALL_PASS_BYTES, _long_runs(p), few_rows=training)
+            or _long_channels(p, x))
 
 
 def _items_size(p, x3):
@@ -1092,7 +1108,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
     dx, dx3, finish, fresh = _output(p, x, out, inputs, apart=dy)
     x3 = p.as_input(x)
     dy3 = p.as_input(dy)
-    if _fuse_backward(p, x3):
+    if _fuse_backward(p, x3, training):
         grads = np.empty((2, C), x.dtype)
         size = _items_size(p, x3)
         if p.channels_last:
