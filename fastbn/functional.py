@@ -868,7 +868,12 @@ def _affine(p, x3, y3, center, var, weight, bias, eps, lo, count=0, fresh=False)
     """
     narrow = _narrow(x3)
     (a, rows), (a32, rows32) = _param_rows(p, 3, narrow)
-    if _merge.affine_params(center, var, weight, bias, eps, count, narrow, a, a32):
+    args = (center, var, weight, bias, eps, count, narrow, a, a32)
+    if p.C <= _merge.PARAM_CHUNK:  # one chunk: the helper, without the kernel's dispatch
+        ok = _merge.affine_params(*args)
+    else:
+        ok = _merge.affine_params_kernel(x3.size, *args)
+    if ok:
         rows = rows32
     # float32 lanes are exact here: scale and shift round once; the centre's rounding is in shift
     _elementwise(p, "affine", (x3,), rows, (_floor(rows[0], lo),), y3, fresh)

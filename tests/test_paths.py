@@ -387,3 +387,33 @@ def test_unit_axes_keep_the_callers_order(shape, axis):
         y = fastbn.batch_norm_train(x, w, b, axis=axis)[0]
         ry, _, rinv = ref.batch_norm_train(x, w, b, axis=axis)
         assert_close(y, ry, np.float32, slack=input_precision_slack(x, rinv, w))
+
+
+# Parameters of more channels than merge.PARAM_CHUNK are prepared in chunks, in parallel; the
+# float32 lanes must still be taken for every channel or for none.  Two rows (the one-call
+# kernel) and eight (the general path), a channel past the first chunk whose weight needs
+# float64 lanes, or none.
+@pytest.mark.parametrize("rows", [2, 8])
+@pytest.mark.parametrize("huge", [None, 4500])
+def test_chunked_parameters_choose_lanes_for_every_channel(rows, huge):
+    from fastbn._kernels import merge
+
+    C = 5000
+    assert C > 2 * merge.PARAM_CHUNK and (huge is None or huge >= merge.PARAM_CHUNK)
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((rows, C)) * 3 + 1).astype(np.float32)
+    m = rng.standard_normal(C).astype(np.float32)
+    v = (rng.random(C) + 0.5).astype(np.float32)
+    w = (rng.random(C) + 0.5).astype(np.float32)
+    b = rng.standard_normal(C).astype(np.float32)
+    if huge is not None:
+        w[huge] = 1e32
+    y = fastbn.batch_norm_infer(x, m, v, w, b, eps=1e-5)
+    scale = 1.0 / np.sqrt(v.astype(np.float64) + 1e-5) * w
+    if huge is None:  # float32 lanes: the centre rounded to float32, its rounding in the shift
+        c32 = m.astype(np.float32)
+        shift = (b - scale * (m.astype(np.float64) - c32)).astype(np.float32)
+        expected = (x - c32) * scale.astype(np.float32) + shift
+    else:  # float64 lanes for every channel, the first chunk's too
+        expected = ((x - m.astype(np.float64)) * scale + b).astype(np.float32)
+    np.testing.assert_array_equal(y, expected)

@@ -20,7 +20,7 @@ import numba
 import numpy as np
 
 from .._config import SMALL_PARALLEL_FROM, helper, kernel
-from .merge import (affine_fits32, affine_params, bwd_coefficients, bwd_fits32, chan,
+from .merge import (affine_fits32, affine_params_chunked, bwd_coefficients, bwd_fits32, chan,
                     narrow_centre, unshifted)
 from .simd import (affine_run, affine_run_nt, at, block_bwd_sums, block_bwd_sums_pf, block_moments,
                    block_moments32, block_moments32_pf, block_moments_pf, bwd_apply_run,
@@ -466,7 +466,7 @@ def infer_small(x, center, var, weight, bias, eps, lo, narrow, y, params):
     than channel by channel ((32, 128, 7, 7) kernel 14.4 against 9.3 us)."""
     N, C, S = x.shape
     p32 = np.empty((3, C), np.float32)
-    ok = affine_params(center, var, weight, bias, eps, 0, narrow, params, p32)
+    ok = affine_params_chunked(center, var, weight, bias, eps, 0, narrow, params, p32)
     lo32 = np.float32(lo)
     B = max(1, min(8, N * C // 64))
     KB = (C + B - 1) // B

@@ -13,7 +13,7 @@ import numpy as np
 
 from .._config import SMALL_PARALLEL_FROM, helper, kernel
 from .channels_first import _m2, _rows
-from .merge import (affine_params, backward_params, bwd_coefficients, bwd_fits32, grads_out,
+from .merge import (affine_params_chunked, backward_params, bwd_coefficients, bwd_fits32, grads_out,
                     merged_moments, merged_sums, narrow_centre, unshifted)
 from .simd import (affine_rows, affine_rows_nt, at, bwd_apply_rows, bwd_apply_rows_nt,
                    column_bwd_sums, column_moments, fence, load, store)
@@ -269,7 +269,7 @@ def stats_tiled(x, R, W, count, ddof, mean, var):
 @kernel(exact=True)
 def train_tiled(x, R, W, count, Re, We, weight, bias, eps, narrow, a, a32, lo32, y, mean,
                 var, nt):
-    """Forward training: :func:`stats_tiled`, then ``merge.affine_params`` into the scratch
+    """Forward training: :func:`stats_tiled`, then ``merge.affine_params_chunked`` into the scratch
     ``a`` (float64) and ``a32`` (float32, or ``a`` for float64 data; ``lo32`` the floor in
     its type), then :func:`affine` in tiles of ``Re`` rows by ``We`` channels.  Returns 0 when
     done; else nothing was written to ``y``: 1 where a mean came out NaN or infinite, 2 where
@@ -277,7 +277,7 @@ def train_tiled(x, R, W, count, Re, We, weight, bias, eps, narrow, a, a32, lo32,
     M, C = x.shape
     if _stats_tiles(x, R, W, count, 0.0, mean, var):
         return 1
-    if affine_params(mean, var, weight, bias, eps, M, narrow, a, a32) != narrow:
+    if affine_params_chunked(mean, var, weight, bias, eps, M, narrow, a, a32) != narrow:
         return 2
     _affine_tiles(x, a32[0, :C], a32[1, :C], a32[2, :C], lo32, y, Re, We, nt)
     return 0
@@ -376,10 +376,10 @@ def stats_small(x, denom, out):
 def infer_small(x, center, var, weight, bias, eps, lo, narrow, y, params):
     """Inference in one call for small tensors, with the parameters and lanes of the general
     path (see the channels-first ``infer_small``)."""
-    ok = affine_params(center, var, weight, bias, eps, 0, narrow, params, params)
     M, C = x.shape
+    p32 = np.empty((3, C), np.float32)
+    ok = affine_params_chunked(center, var, weight, bias, eps, 0, narrow, params, p32)
     strides = (_rows(x), _rows(y))
-    p32 = params.astype(np.float32)
     lo32 = np.float32(lo)
     for b in numba.prange(_blocks(C)):
         c0 = b * BLOCK
