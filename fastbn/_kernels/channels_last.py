@@ -13,8 +13,8 @@ import numpy as np
 
 from .._config import SMALL_PARALLEL_FROM, helper, kernel
 from .channels_first import _m2, _rows
-from .merge import (affine_params_chunked, backward_params, bwd_coefficients, bwd_fits32, grads_out,
-                    merged_moments, merged_sums, narrow_centre, unshifted)
+from .merge import (affine_params_chunked, backward_params, bwd_coefficients, bwd_fits32,
+                    grads_out, merged_moments, merged_sums, narrow_centre, unshifted)
 from .simd import (affine_rows, affine_rows_nt, at, bwd_apply_rows, bwd_apply_rows_nt,
                    column_bwd_sums, column_moments, fence, load, store)
 
@@ -269,9 +269,9 @@ def stats_tiled(x, R, W, count, ddof, mean, var):
 @kernel(exact=True)
 def train_tiled(x, R, W, count, Re, We, weight, bias, eps, narrow, a, a32, lo32, y, mean,
                 var, nt):
-    """Forward training: :func:`stats_tiled`, then ``merge.affine_params_chunked`` into the scratch
-    ``a`` (float64) and ``a32`` (float32, or ``a`` for float64 data; ``lo32`` the floor in
-    its type), then :func:`affine` in tiles of ``Re`` rows by ``We`` channels.  Returns 0 when
+    """Forward training: :func:`stats_tiled`, then ``merge.affine_params_chunked`` into the
+    scratch ``a`` (float64) and ``a32`` (float32, or ``a`` for float64 data; ``lo32`` the floor
+    in its type), then :func:`affine` in tiles of ``Re`` rows by ``We`` channels.  Returns 0 when
     done; else nothing was written to ``y``: 1 where a mean came out NaN or infinite, 2 where
     float32 data needs float64 lanes (see above)."""
     M, C = x.shape
