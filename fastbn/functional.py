@@ -479,17 +479,18 @@ def _long_runs(p):
     return not p.channels_last and p.shape3[2] >= _ONE_CALL_MIN_RUN
 
 
-def _fuse(p, x, cap=None, short=False, few_rows=False):
+def _fuse(p, x, cap=None, short=False, tiled=None):
     """Whether an operation runs as one kernel call (the ``*_small`` kernels): on small tensors
     the launches, not the memory traffic, are the cost.  By shape only, never by thread count,
     so that results do not depend on the number of threads.  ``cap``, ``short``: see
-    :func:`_cf_one_call`; ``few_rows``: channels-last views with the tiled passes in one call
-    must have fewer than ``_FUSED_MAX_ROWS`` rows (training and backward)."""
+    :func:`_cf_one_call`; ``tiled``: the reduction of an operation whose tiled passes run in one
+    call (:func:`_cl_tiled`), which channels-last kernel views ``x`` of ``_FUSED_MAX_ROWS`` rows
+    or more take instead (training and backward)."""
     if x.size < _config.SERIAL_BELOW:
         return True
     if p.channels_last:
         M = p.shape3[0]
-        if few_rows and M >= _FUSED_MAX_ROWS and p.C >= _CL_WHOLE_ROWS:
+        if tiled is not None and M >= _FUSED_MAX_ROWS and _cl_tiled(p, x, tiled):
             return False
         return M * _cl.BLOCK * x.itemsize <= _FUSED_BLOCK_BYTES
     return _cf_one_call(p, x, cap, short)
@@ -498,7 +499,7 @@ def _fuse(p, x, cap=None, short=False, few_rows=False):
 def _fuse_train(p, x):
     """:func:`_fuse` for training (see ``_ONE_CALL_MIN_RUN``)."""
     return _fuse(p, x, short=_long_runs(p) and x.nbytes <= _ONE_CALL_SHORT_TRAIN_BYTES,
-                 few_rows=True)
+                 tiled="moments")
 
 
 def _fuse_infer(p, x):
@@ -549,7 +550,7 @@ def _fuse_backward(p, x, training):
     ``_CHANNEL_RUN_BYTES``); the tiled passes run in one call in training mode only."""
     if x.size < _config.SERIAL_BELOW:  # as _fuse, without its calls (small calls add up)
         return True
-    return (_fuse(p, x, _ONE_CALL_PASS_BYTES, _long_runs(p), few_rows=training)
+    return (_fuse(p, x, _ONE_CALL_PASS_BYTES, _long_runs(p), "bwd_sums" if training else None)
             or _long_channels(p, x))
 
 
@@ -981,7 +982,7 @@ def _train(x, axis, weight, bias, eps, out, guard=()):
     y, y3, finish, fresh = _output(p, x, out, ((x, "x"), (w, "weight"), (b, "bias")) + guard,
                                    apart=x)
     x3 = p.as_input(x)
-    if _fuse_train(p, x) or _long_channels(p, x3):
+    if _fuse_train(p, x3) or _long_channels(p, x3):
         mean = np.empty(C)
         var = np.empty(C)
         args = (x3, w, b, eps, _narrow(x3), y3, mean, var)

@@ -453,9 +453,9 @@ def stats_small(x, denom, out):
 @kernel(exact=True)
 def infer_small(x, center, var, weight, bias, eps, lo, narrow, y, params):
     """Inference in one call for small tensors: the per-channel parameters of
-    ``merge.affine_params`` (into the float64 scratch ``params``), then ``y``, each channel in
-    the lanes ``functional._affine`` would use -- float32 when ``narrow`` and the parameters
-    allow it -- so results equal the general path's.
+    ``merge.affine_params_chunked`` (into the float64 scratch ``params``), then ``y``, each
+    channel in the lanes ``functional._affine`` would use -- float32 when ``narrow`` and the
+    parameters allow it -- so results equal the general path's.
 
     ``y`` is written in memory order, a few runs of one sample per work item: channel by
     channel, a channel's runs lie a sample apart, often a whole number of pages (see
