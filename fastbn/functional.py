@@ -888,6 +888,26 @@ def _affine(p, x3, y3, center, var, weight, bias, eps, lo, count=0, fresh=False)
     _elementwise(p, "affine", (x3,), rows, (_floor(rows[0], lo),), y3, fresh)
 
 
+def _infer_tiled(p, x3, y3, center, var, weight, bias, eps, lo, fresh):
+    """:func:`_affine` with running statistics as one kernel call (the ``infer_tiled`` kernels;
+    channels-last views only where their rows run whole, see :func:`_cl_parts`): the same
+    parameters, tiles and stores, so the same results, without the Python steps and the second
+    dispatch in between."""
+    narrow = _narrow(x3)
+    (a, rows), (a32, rows32) = _param_rows(p, 3, narrow)
+    if p.channels_last:
+        tiles = _cl_tiles(x3.shape[0], p.C, False, x3.itemsize)
+        nt = _nt(y3, fresh) and _streams(tiles[1], y3)
+    else:
+        N, C, S = x3.shape
+        tiles = _cf_row_tiles(N * C, S)
+        nt = _cf_nt(y3, fresh)
+    if not _family(p).infer_tiled(x3.size, x3, center, var, weight, bias, eps, narrow, a, a32,
+                                  _floor(rows32[0], lo), y3, *tiles, nt):
+        # float64 lanes for float32 data: the parameters are in a
+        _elementwise(p, "affine", (x3,), rows, (_floor(rows[0], lo),), y3, fresh)
+
+
 def _param_rows(p, k, narrow):
     """``((a, rows), (a32, rows32))``: scratch ``a`` for ``k`` rows of float64 per-channel
     parameters of an elementwise pass (the ``out`` of the ``merge`` parameter functions) with
@@ -1075,8 +1095,10 @@ def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, ep
     if _fuse_infer(p, x3):
         _family(p).infer_small(_items_size(p, x3), x3, rm, rv, w, b, eps, lo, _narrow(x3), y3,
                                np.empty((3, C)))
-    else:
+    elif p.channels_last and C < _CL_WHOLE_ROWS:  # rows of several samples: see _cl_parts
         _affine(p, x3, y3, rm, rv, w, b, eps, lo, fresh=fresh)
+    else:
+        _infer_tiled(p, x3, y3, rm, rv, w, b, eps, lo, fresh)
     if finish is not None:
         finish()
     return y

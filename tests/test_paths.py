@@ -28,7 +28,8 @@ SHAPES = [((16, 48, 7, 7), 1), ((4, 24, 40, 40), 1), ((12, 40, 16, 16), 1), ((6,
           ((6, 64, 20, 20), "odd"), ((20, 20, 64, 3), 2), ((16, 64, 8, 8), 1)]
 DTYPES = [np.float32, np.float64]
 ONE_CALL = ("train_small", "infer_small", "stats_small", "backward_small")
-TILED = ("moments", "moments_short", "moments32", "affine", "bwd_sums", "bwd_sums_short", "bwd_apply")
+TILED = ("moments", "moments_short", "moments32", "affine", "infer_tiled", "bwd_sums",
+         "bwd_sums_short", "bwd_apply")
 
 
 def _spy(monkeypatch, names):
@@ -125,7 +126,8 @@ def test_backward(path, shape, axis, dtype, training):
 
 
 # Channels of fewer than 128 values: (shape, kernels of training, kernels of backward).
-# Statistics run as one call whatever the runs (in training too), inference is tiled; runs of
+# Statistics run as one call whatever the runs (in training too), inference is tiled (the
+# parameters and the elementwise pass in one call); runs of
 # fewer than 24 values keep training's normalisation and backward tiled (the one-call kernels
 # lost there), longer ones run backward as one call, and training too up to 512 KB.
 SHORT_CHANNELS = [
@@ -158,7 +160,7 @@ def test_short_channels_route(monkeypatch, dtype, shape, train, backward):
     seen.clear()
     assert_close(fastbn.batch_norm_infer(x, rm, rv, w, b), ref.batch_norm_infer(x, rm, rv, w, b),
                  dtype, name="infer")
-    assert seen == ["affine"], seen
+    assert seen == ["infer_tiled"], seen
     seen.clear()
     dy = like(x, "paths dy")
     dx, dw, db = fastbn.batch_norm_backward(dy, x, mean, invstd, w)
@@ -231,7 +233,8 @@ def test_channels_last_parameter_rows(monkeypatch, shape, dtype):
         monkeypatch.setattr(F._cl, name, spy)
     # the one-call tiled kernels take the scratch whole (rows of at least C values) and the
     # elementwise tiles' width, at these positions among their arguments
-    for name, we, scratch in (("train_tiled", 5, 10), ("backward_tiled", 8, 10)):
+    for name, we, scratch in (("train_tiled", 5, 10), ("backward_tiled", 8, 10),
+                              ("infer_tiled", 12, 7)):
         kernel = getattr(F._cl, name)
 
         def spy(size, *args, _kernel=kernel, _we=we, _a=scratch):
@@ -365,7 +368,7 @@ def test_one_call_bound_for_inference_and_backward(monkeypatch, dtype):
     assert_close(dw, rdw, dtype, name="dweight")
     assert_close(db, rdb, dtype, name="dbias")
     assert not set(seen) & set(ONE_CALL), seen
-    assert "affine" in seen and "bwd_apply" in seen, seen
+    assert "infer_tiled" in seen and "bwd_apply" in seen, seen
 
 
 @pytest.mark.parametrize("shape, axis", [((1, 2, 1, 2), 1), ((8, 64, 1, 1), 1), ((4, 1, 5), 1),
@@ -391,17 +394,19 @@ def test_unit_axes_keep_the_callers_order(shape, axis):
 
 # Parameters of more channels than merge.PARAM_CHUNK are prepared in chunks, in parallel; the
 # float32 lanes must still be taken for every channel or for none.  Two rows (the one-call
-# kernel) and eight (the general path), a channel past the first chunk whose weight needs
-# float64 lanes, or none.
-@pytest.mark.parametrize("rows", [2, 8])
+# kernel), eight (the tiled pass in one call, falling back to the Python-driven pass for
+# float64 lanes) and channels-first runs of three values (the same, channels-first); a channel
+# past the first chunk whose weight needs float64 lanes, or none.
+@pytest.mark.parametrize("shape", [(2, None), (8, None), (4, None, 3)])
 @pytest.mark.parametrize("huge", [None, 4500])
-def test_chunked_parameters_choose_lanes_for_every_channel(rows, huge):
+def test_chunked_parameters_choose_lanes_for_every_channel(shape, huge):
     from fastbn._kernels import merge
 
     C = 5000
     assert C > 2 * merge.PARAM_CHUNK and (huge is None or huge >= merge.PARAM_CHUNK)
+    shape = tuple(C if n is None else n for n in shape)
     rng = np.random.default_rng(11)
-    x = (rng.standard_normal((rows, C)) * 3 + 1).astype(np.float32)
+    x = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
     m = rng.standard_normal(C).astype(np.float32)
     v = (rng.random(C) + 0.5).astype(np.float32)
     w = (rng.random(C) + 0.5).astype(np.float32)
@@ -409,6 +414,8 @@ def test_chunked_parameters_choose_lanes_for_every_channel(rows, huge):
     if huge is not None:
         w[huge] = 1e32
     y = fastbn.batch_norm_infer(x, m, v, w, b, eps=1e-5)
+    if x.ndim == 3:  # per-channel values along axis 1
+        m, v, w, b = (a[:, None] for a in (m, v, w, b))
     scale = 1.0 / np.sqrt(v.astype(np.float64) + 1e-5) * w
     if huge is None:  # float32 lanes: the centre rounded to float32, its rounding in the shift
         c32 = m.astype(np.float32)

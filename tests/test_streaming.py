@@ -76,7 +76,7 @@ def _flags(monkeypatch, threshold):
     monkeypatch.setattr(_config, "STREAM_BYTES", threshold)
     seen = []
     for mod in (F._cf, F._cl):
-        for name in ("affine", "bwd_apply"):
+        for name in ("affine", "infer_tiled", "bwd_apply"):
             _spy(monkeypatch, mod, name, seen)
     for name in ("train_small", "backward_small"):
         _spy(monkeypatch, F._cf, name, seen)

@@ -338,8 +338,8 @@ def _row_tile(it, shape, RB, SB):
 # positions), measured 1.3x slower on data streamed from memory and up to 1.2x in cache
 # ((32, 256, 196) float32 inference kernel, 1 thread, cache flushed: 428 -> 321 us; (64, 512, 49)
 # in cache 160 -> 122 us), though each thread reads the same stream either way.
-@kernel(exact=True)
-def affine(x, center, scale, shift, lo, y, RB, SB, nt):
+@helper(exact=True, inline=True)
+def _affine_tiles(x, center, scale, shift, lo, y, RB, SB, nt):
     """Elementwise ``y = max((x - center[c]) * scale[c] + shift[c], lo)`` in tiles of ``RB``
     rows by ``SB`` positions; ``nt``: stream ``y`` past the cache (see simd)."""
     C = x.shape[1]
@@ -356,6 +356,26 @@ def affine(x, center, scale, shift, lo, y, RB, SB, nt):
                     affine_run(src, dst, m, par)
         if nt:
             fence()
+
+
+@kernel(exact=True)
+def affine(x, center, scale, shift, lo, y, RB, SB, nt):
+    """:func:`_affine_tiles` as a kernel."""
+    _affine_tiles(x, center, scale, shift, lo, y, RB, SB, nt)
+
+
+@kernel(exact=True)
+def infer_tiled(x, center, var, weight, bias, eps, narrow, a, a32, lo32, y, RB, SB, nt):
+    """Inference in one call: ``merge.affine_params_chunked`` into the scratch ``a`` and
+    ``a32`` (float32, or ``a`` for float64 data; ``lo32`` the floor in its type), then
+    :func:`affine` in tiles of ``RB`` rows by ``SB`` positions.  Returns False, with nothing
+    written to ``y``, where float32 data needs float64 lanes: the caller finishes with the
+    parameters in ``a``."""
+    C = x.shape[1]
+    if affine_params_chunked(center, var, weight, bias, eps, 0, narrow, a, a32) != narrow:
+        return False
+    _affine_tiles(x, a32[0, :C], a32[1, :C], a32[2, :C], lo32, y, RB, SB, nt)
+    return True
 
 
 @kernel(exact=True)

@@ -284,6 +284,17 @@ def train_tiled(x, R, W, count, Re, We, weight, bias, eps, narrow, a, a32, lo32,
 
 
 @kernel(exact=True)
+def infer_tiled(x, center, var, weight, bias, eps, narrow, a, a32, lo32, y, R, W, nt):
+    """Inference in one call: as the channels-first ``infer_tiled``, in tiles of ``R`` rows by
+    ``W`` channels."""
+    C = x.shape[1]
+    if affine_params_chunked(center, var, weight, bias, eps, 0, narrow, a, a32) != narrow:
+        return False
+    _affine_tiles(x, a32[0, :C], a32[1, :C], a32[2, :C], lo32, y, R, W, nt)
+    return True
+
+
+@kernel(exact=True)
 def backward_tiled(x, dy, mu, invstd, weight, R, W, Re, We, narrow, a, a32, dx, grads, nt):
     """Backward in training mode: :func:`bwd_sums` in tiles of ``R`` rows by ``W`` channels,
     their merge, ``merge.backward_params`` into the scratch ``a`` and ``a32`` (as
