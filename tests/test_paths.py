@@ -29,7 +29,7 @@ SHAPES = [((16, 48, 7, 7), 1), ((4, 24, 40, 40), 1), ((12, 40, 16, 16), 1), ((6,
 DTYPES = [np.float32, np.float64]
 ONE_CALL = ("train_small", "infer_small", "stats_small", "backward_small")
 TILED = ("moments", "moments_short", "moments32", "affine", "infer_tiled", "bwd_sums",
-         "bwd_sums_short", "bwd_apply")
+         "bwd_sums_short", "bwd_apply", "backward_tiled")
 
 
 def _spy(monkeypatch, names):
@@ -129,9 +129,10 @@ def test_backward(path, shape, axis, dtype, training):
 # Statistics run as one call whatever the runs (in training too), inference is tiled (the
 # parameters and the elementwise pass in one call); runs of
 # fewer than 24 values keep training's normalisation and backward tiled (the one-call kernels
-# lost there), longer ones run backward as one call, and training too up to 512 KB.
+# lost there; the tiled backward passes in one call), longer ones run backward as one call,
+# and training too up to 512 KB.
 SHORT_CHANNELS = [
-    ((40, 1000, 3), ["stats_small", "affine"], ["bwd_sums_short", "bwd_apply"]),
+    ((40, 1000, 3), ["stats_small", "affine"], ["backward_tiled"]),
     ((2, 600, 7, 7), ["train_small"], ["backward_small"]),
     ((2, 2000, 7, 7), ["stats_small", "affine"], ["backward_small"]),
 ]
@@ -210,6 +211,67 @@ def test_long_channels_train_and_backward_channel_by_channel(monkeypatch, dtype)
     assert_close(dw, rdw, dtype, name="dweight")
     assert_close(db, rdb, dtype, name="dbias")
     assert seen == ["train_small", "backward_small"], seen
+
+
+# Past the one-call sizes: channels-first runs long (the gradient sums run by run) and short
+# (bwd_sums_short), a channels-first view of a channels-last array, few channels; channels-last
+# rows of 48 channels (inference only: backward as above)
+TILED_ONE_CALL = [((6, 40, 300), 1, "channels_first"), ((40, 1000, 3), 1, "channels_first"),
+                  ((20, 20, 64, 3), 2, "channels_first"), ((64, 3, 578), 1, "channels_first"),
+                  ((1152, 48), -1, "channels_last")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, axis, family", TILED_ONE_CALL)
+@pytest.mark.parametrize("case", ["plain", "huge weight"])
+def test_inference_and_backward_tiled_in_one_call(monkeypatch, shape, axis, family, dtype, case):
+    """Inference and training-mode backward past the one-call sizes run their parameters and
+    passes in one kernel call (``infer_tiled``, ``backward_tiled``), which must give exactly
+    what the same passes give driven from Python, also where float32 data needs float64 lanes
+    (a weight of 1e32: the kernel leaves the elementwise pass to Python); and match the
+    reference."""
+    monkeypatch.setattr(_config, "LLC_BYTES", 1024)  # no channels-first one-call kernels
+    x, axis = _input(shape, axis, dtype)
+    C = shape[axis]
+    w, b, rm, rv = params(C, dtype, "paths")
+    if case == "huge weight":
+        w = w * dtype(1e32)
+    dy = np.random.default_rng(7).standard_normal(shape).astype(dtype)
+    _, mean, invstd = fastbn.batch_norm_train(x, w, b, axis=axis)
+    module = getattr(F, "_cl" if family == "channels_last" else "_cf")
+    seen = []
+    for name in ("infer_tiled", "backward_tiled", "affine", "bwd_apply"):
+        kernel = getattr(module, name)
+
+        def spy(size, *args, _kernel=kernel, _name=name):
+            seen.append(_name)
+            return _kernel(size, *args)
+
+        monkeypatch.setattr(module, name, spy)
+
+    def run():
+        y = fastbn.batch_norm_infer(x, rm, rv, w, b, axis=axis, activation="relu")
+        return (y,) + fastbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis)
+
+    one_call = run()
+    lanes64 = case == "huge weight" and dtype == np.float32
+    expected = ["infer_tiled"] + ["affine"] * lanes64
+    if family == "channels_first":
+        expected += ["backward_tiled"] + ["bwd_apply"] * lanes64
+    assert seen[:len(expected)] == expected, seen
+    monkeypatch.setattr(F, "_tiled_one_call", lambda *args: False)
+    seen.clear()
+    driven = run()
+    assert "infer_tiled" not in seen and "backward_tiled" not in seen, seen
+    for got, want in zip(one_call, driven):
+        np.testing.assert_array_equal(got, want)
+    ry = np.maximum(ref.batch_norm_infer(x, rm, rv, w, b, axis=axis), 0)
+    assert_close(one_call[0], ry, dtype, name="y")
+    rdx, rdw, rdb = ref.batch_norm_backward(dy, x, mean, invstd, w, axis=axis)
+    slack = input_precision_slack(x, invstd.astype(np.float64), w)
+    assert_close(one_call[1], rdx, dtype, slack=slack, name="dx")
+    assert_close(one_call[2], rdw, dtype, name="dweight")
+    assert_close(one_call[3], rdb, dtype, name="dbias")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -368,7 +430,7 @@ def test_one_call_bound_for_inference_and_backward(monkeypatch, dtype):
     assert_close(dw, rdw, dtype, name="dweight")
     assert_close(db, rdb, dtype, name="dbias")
     assert not set(seen) & set(ONE_CALL), seen
-    assert "infer_tiled" in seen and "bwd_apply" in seen, seen
+    assert "infer_tiled" in seen and "backward_tiled" in seen, seen
 
 
 @pytest.mark.parametrize("shape, axis", [((1, 2, 1, 2), 1), ((8, 64, 1, 1), 1), ((4, 1, 5), 1),

@@ -78,7 +78,7 @@ def _flags(monkeypatch, threshold):
     for mod in (F._cf, F._cl):
         for name in ("affine", "infer_tiled", "bwd_apply"):
             _spy(monkeypatch, mod, name, seen)
-    for name in ("train_small", "backward_small"):
+    for name in ("train_small", "backward_small", "backward_tiled"):
         _spy(monkeypatch, F._cf, name, seen)
     return seen
 

@@ -20,8 +20,8 @@ import numba
 import numpy as np
 
 from .._config import SMALL_PARALLEL_FROM, helper, kernel
-from .merge import (affine_fits32, affine_params_chunked, bwd_coefficients, bwd_fits32, chan,
-                    narrow_centre, unshifted)
+from .merge import (affine_fits32, affine_params_chunked, backward_params, bwd_coefficients,
+                    bwd_fits32, chan, grads_out, merged_sums, narrow_centre, unshifted)
 from .simd import (affine_run, affine_run_nt, at, block_bwd_sums, block_bwd_sums_pf, block_moments,
                    block_moments32, block_moments32_pf, block_moments_pf, bwd_apply_run,
                    bwd_apply_run_nt, fence, load)
@@ -235,8 +235,8 @@ def sums(x, center, R, W, SB, s1, s2):
                 s2[k, c] += v
 
 
-@kernel
-def bwd_sums(x, dy, mu, R, W, SB, sg, sgx):
+@helper(inline=True)
+def _bwd_sums_tiles(x, dy, mu, R, W, SB, sg, sgx):
     """Per tile sums of ``dy`` and ``dy * (x - mu[c])`` into ``sg[K, C]``, ``sgx[K, C]``."""
     for it in numba.prange(_items(x, R, W, SB)):
         k, n0, n1, c0, c1, a0, a1 = _tile(it, x.shape, R, W, SB)
@@ -248,6 +248,12 @@ def bwd_sums(x, dy, mu, R, W, SB, sg, sgx):
                 u, v = _run_bwd_sums(at(x, (n, c, a0)), at(dy, (n, c, a0)), a1 - a0, mu[c])
                 sg[k, c] += u
                 sgx[k, c] += v
+
+
+@kernel
+def bwd_sums(x, dy, mu, R, W, SB, sg, sgx):
+    """:func:`_bwd_sums_tiles` as a kernel."""
+    _bwd_sums_tiles(x, dy, mu, R, W, SB, sg, sgx)
 
 
 def _block_moments_kernel(name, block, shifts, doc):
@@ -302,8 +308,8 @@ moments32 = kernel(_block_moments_kernel("moments32", _moments32_pf, _first_mean
                                          _MOMENTS32_DOC), exact=True)
 
 
-@kernel(exact=True)
-def bwd_sums_short(x, dy, mu, R, W, SB, sg, sgx):
+@helper(exact=True, inline=True)
+def _bwd_sums_short_tiles(x, dy, mu, R, W, SB, sg, sgx):
     """:func:`bwd_sums` for short runs (see :func:`moments_short`): 758 -> 495 us there."""
     rs = (_rows(x), _rows(dy))
     for it in numba.prange(_items(x, R, W, SB)):
@@ -311,6 +317,12 @@ def bwd_sums_short(x, dy, mu, R, W, SB, sg, sgx):
         for c in range(c0, c1):
             sg[k, c], sgx[k, c] = block_bwd_sums_pf((at(x, (n0, c, a0)), at(dy, (n0, c, a0))),
                                                     a1 - a0, n1 - n0, rs, (mu[c],))
+
+
+@kernel(exact=True)
+def bwd_sums_short(x, dy, mu, R, W, SB, sg, sgx):
+    """:func:`_bwd_sums_short_tiles` as a kernel."""
+    _bwd_sums_short_tiles(x, dy, mu, R, W, SB, sg, sgx)
 
 
 @helper
@@ -378,8 +390,8 @@ def infer_tiled(x, center, var, weight, bias, eps, narrow, a, a32, lo32, y, RB, 
     return True
 
 
-@kernel(exact=True)
-def bwd_apply(x, dy, mu, a, q, r, dx, RB, SB, nt):
+@helper(exact=True, inline=True)
+def _bwd_apply_tiles(x, dy, mu, a, q, r, dx, RB, SB, nt):
     """Elementwise ``dx = a[c] * (dy + q[c] * (x - mu[c]) + r[c])``, tiled as :func:`affine`."""
     C = x.shape[1]
     for it in numba.prange(_row_items(x, RB, SB)):
@@ -395,6 +407,41 @@ def bwd_apply(x, dy, mu, a, q, r, dx, RB, SB, nt):
                     bwd_apply_run(src, dst, m, par)
         if nt:
             fence()
+
+
+@kernel(exact=True)
+def bwd_apply(x, dy, mu, a, q, r, dx, RB, SB, nt):
+    """:func:`_bwd_apply_tiles` as a kernel."""
+    _bwd_apply_tiles(x, dy, mu, a, q, r, dx, RB, SB, nt)
+
+
+@kernel(exact=True)
+def backward_tiled(x, dy, mu, invstd, weight, R, W, SB, short, RB, SBe, narrow, a, a32, dx,
+                   grads, nt):
+    """Backward in training mode in one call: :func:`bwd_sums` (``short``:
+    :func:`bwd_sums_short`) in tiles of ``R`` rows, ``W`` channels and ``SB`` positions, their
+    merge, ``merge.backward_params`` into the scratch ``a`` and ``a32`` (as
+    :func:`infer_tiled`), ``grads`` (``dweight``, ``dbias``), then ``dx`` in tiles of ``RB``
+    rows by ``SBe`` positions: the passes, merge and parameters of the Python-driven backward,
+    so the same results, without the Python steps, scratch arrays and dispatches in between.
+    ``mu``, ``invstd`` and ``weight`` (or None) come as the caller passed them.  Returns False,
+    with nothing written to ``dx``, where float32 data needs float64 lanes: the caller finishes
+    with the parameters in ``a``."""
+    N, C, S = x.shape
+    m = mu.astype(np.float64)
+    istd = invstd.astype(np.float64)
+    parts = np.empty((2, ((N + R - 1) // R) * ((S + SB - 1) // SB), C))
+    if short:
+        _bwd_sums_short_tiles(x, dy, m, R, W, SB, parts[0], parts[1])
+    else:
+        _bwd_sums_tiles(x, dy, m, R, W, SB, parts[0], parts[1])
+    sums = np.empty((2, C))
+    merged_sums(parts, sums)
+    grads_out(sums, istd, grads)
+    if backward_params(sums, m, istd, weight, float(N * S), True, narrow, a, a32) != narrow:
+        return False
+    _bwd_apply_tiles(x, dy, a32[0, :C], a32[1, :C], a32[2, :C], a32[3, :C], dx, RB, SBe, nt)
+    return True
 
 
 @helper(exact=True, inline=True)
