@@ -17,6 +17,7 @@ from . import _pool
 from ._kernels import channels_first as _cf
 from ._kernels import channels_last as _cl
 from ._kernels import merge as _merge
+from ._kernels.simd import TAIL_MASK_FROM as _TAIL_MASK_FROM
 
 __all__ = [
     "channel_stats",
@@ -479,6 +480,25 @@ def _long_runs(p):
     return not p.channels_last and p.shape3[2] >= _ONE_CALL_MIN_RUN
 
 
+# Channels-last rows of fewer channels than a masked vector step takes (simd.TAIL_MASK_FROM)
+# run value by value in the one-call kernels, a row at a time; from this many values the tiled
+# passes, which view several rows as one (see _cl_parts), win despite their launches.  Whole
+# calls against the one-call kernels, float32, 2 threads, statistics, training and inference:
+# (8, 32, 32, 3) 2.70x, 2.44x, 2.03x; (3072, 3) 1.25x, 1.20x, 1.06x; (4096, 2) 1.19x, 1.25x,
+# 1.12x; (8192, 1) 1.18x, 1.53x, 1.60x; below it they lose ((2560, 3) 1.08x, 1.03x, 0.95x;
+# (2048, 3) 0.91x, 0.87x, 0.84x; (4096, 1) 0.71x, 0.91x, 0.99x).  With 4 channels a row is one
+# masked step, and the one-call kernels stay ahead ((4096, 4) statistics 0.68x tiled).
+# Backward keeps its one-call kernel: even either way.
+_NARROW_ROWS_TILED_FROM = 8192
+
+
+def _narrow_rows(p, x):
+    """Whether the small view ``x`` takes the tiled passes for its narrow channels-last rows
+    (see above)."""
+    return (p.channels_last and p.C < _TAIL_MASK_FROM
+            and x.size >= _NARROW_ROWS_TILED_FROM)
+
+
 def _fuse(p, x, cap=None, short=False, tiled=None):
     """Whether an operation runs as one kernel call (the ``*_small`` kernels): on small tensors
     the launches, not the memory traffic, are the cost.  By shape only, never by thread count,
@@ -487,7 +507,7 @@ def _fuse(p, x, cap=None, short=False, tiled=None):
     call (:func:`_cl_tiled`), which channels-last kernel views ``x`` of ``_FUSED_MAX_ROWS`` rows
     or more take instead (training and backward)."""
     if x.size < _config.SERIAL_BELOW:
-        return True
+        return not _narrow_rows(p, x)
     if p.channels_last:
         M = p.shape3[0]
         if tiled is not None and M >= _FUSED_MAX_ROWS and _cl_tiled(p, x, tiled):
@@ -506,7 +526,9 @@ def _fuse_infer(p, x):
     """:func:`_fuse` for inference, which reads every value once: channels-last blocks of
     larger tensors measured no faster there (see ``_FUSED_BLOCK_BYTES``), nor channels-first
     tensors beyond ``_ONE_CALL_PASS_BYTES``."""
-    return x.size < _config.SERIAL_BELOW or _cf_one_call(p, x, _ONE_CALL_PASS_BYTES)
+    if x.size < _config.SERIAL_BELOW:
+        return not _narrow_rows(p, x)
+    return _cf_one_call(p, x, _ONE_CALL_PASS_BYTES)
 
 
 def _fuse_stats(p, x):

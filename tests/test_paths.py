@@ -486,3 +486,42 @@ def test_chunked_parameters_choose_lanes_for_every_channel(shape, huge):
     else:  # float64 lanes for every channel, the first chunk's too
         expected = ((x - m.astype(np.float64)) * scale + b).astype(np.float32)
     np.testing.assert_array_equal(y, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, tiled", [((8, 32, 32, 3), True), ((8192, 1), True),
+                                          ((2048, 3), False), ((4096, 4), False)])
+def test_narrow_channels_last_rows_route(monkeypatch, shape, tiled, dtype):
+    """Small channels-last tensors of fewer than 4 channels take the tiled passes (rows viewed
+    several at a time) from 8192 values, for statistics, training and inference; backward, and
+    smaller tensors or wider rows, keep the one-call kernels.  Every route matches the
+    reference."""
+    seen = []
+    for name in ("stats_small", "train_small", "infer_small", "backward_small"):
+        kernel = getattr(F._cl, name)
+
+        def spy(size, *args, _kernel=kernel, _name=name):
+            seen.append(_name)
+            return _kernel(size, *args)
+
+        monkeypatch.setattr(F._cl, name, spy)
+    x, axis = _input(shape, -1, dtype)
+    C = shape[-1]
+    w, b, rm, rv = params(C, dtype, "paths")
+    mean, var = fastbn.channel_stats(x, axis=axis)
+    rmean, rvar = ref.channel_stats(x, axis)
+    assert_close(mean, rmean, dtype, name="mean")
+    assert_close(var, rvar, dtype, name="var")
+    y, bmean, invstd = fastbn.batch_norm_train(x, w, b, axis=axis)
+    ry, _, rinvstd = ref.batch_norm_train(x, w, b, axis=axis)
+    assert_close(y, ry, dtype, slack=input_precision_slack(x, rinvstd, w), name="y")
+    assert_close(fastbn.batch_norm_infer(x, rm, rv, w, b, axis=axis),
+                 ref.batch_norm_infer(x, rm, rv, w, b, axis=axis), dtype, name="infer")
+    assert seen == ([] if tiled else ["stats_small", "train_small", "infer_small"]), seen
+    dy = like(x, "paths dy")
+    dx, dw, db = fastbn.batch_norm_backward(dy, x, bmean, invstd, w, axis=axis)
+    rdx, rdw, rdb = ref.batch_norm_backward(dy, x, bmean, invstd, w, axis=axis)
+    assert_close(dx, rdx, dtype, slack=input_precision_slack(x, rinvstd, w), name="dx")
+    assert_close(dw, rdw, dtype, name="dweight")
+    assert_close(db, rdb, dtype, name="dbias")
+    assert seen[-1] == "backward_small", seen
