@@ -767,23 +767,34 @@ def _tiled_one_call(p, x3, name):
     return _cl_tiled(p, x3, name)
 
 
+def _apply_tiles(p, x3, out3, fresh):
+    """``(tiles, nt)``: the tiles of the elementwise pass from the kernel view ``x3`` into
+    ``out3`` (channels-last ``(R, W)``, channels-first ``(RB, SB)``) and whether it streams,
+    as :func:`_elementwise` takes them for a view it leaves whole; the one-call tiled kernels
+    take the same."""
+    if p.channels_last:
+        tiles = _cl_tiles(x3.shape[0], p.C, False, x3.itemsize)
+        return tiles, _nt(out3, fresh) and _streams(tiles[1], out3)
+    N, C, S = x3.shape
+    return _cf_row_tiles(N * C, S), _cf_nt(out3, fresh)
+
+
 def _cl_tiled_args(p, x3, y3, fresh):
     """The tiles ``(R, W, Re, We)`` of a channels-last one-call tiled kernel (reduction, then
     elementwise pass) and its streaming choice, as :func:`_reduce` and :func:`_elementwise`
     would take them."""
-    M, C = x3.shape
-    R, W = _cl_tiles(M, C, True, x3.itemsize)
-    Re, We = _cl_tiles(M, C, False, x3.itemsize)
-    return (R, W, Re, We), _nt(y3, fresh) and _streams(We, y3)
+    R, W = _cl_tiles(x3.shape[0], p.C, True, x3.itemsize)
+    tiles, nt = _apply_tiles(p, x3, y3, fresh)
+    return (R, W) + tiles, nt
 
 
 def _cf_bwd_tiles(x3):
-    """The tiles ``(R, W, SB, short, RB, SBe)`` of ``channels_first.backward_tiled`` for the
-    kernel view ``x3``: those :func:`_reduce` gives the gradient sums (``short``: the
-    ``bwd_sums_short`` kernel) and :func:`_elementwise` the pass over ``dx``."""
+    """The tiles ``(R, W, SB, short)`` of the gradient sums of
+    ``channels_first.backward_tiled`` for the kernel view ``x3``, as :func:`_reduce` takes them
+    (``short``: the ``bwd_sums_short`` kernel)."""
     N, C, S = x3.shape
     R, W, SB = _cf_tiles(N, C, S, x3.itemsize)
-    return (R, W, SB, SB < _SHORT_RUN) + _cf_row_tiles(N * C, S)
+    return R, W, SB, SB < _SHORT_RUN
 
 
 def _nt(out3, fresh):
@@ -806,9 +817,8 @@ def _elementwise(p, name, inputs, params, scalars, out3, fresh=False):
     per-channel ``params``."""
     if not p.channels_last:
         x3 = inputs[0]
-        N, C, S = x3.shape
-        getattr(_cf, name)(x3.size, *inputs, *params, *scalars, out3, *_cf_row_tiles(N * C, S),
-                           _cf_nt(out3, fresh))
+        tiles, nt = _apply_tiles(p, x3, out3, fresh)
+        getattr(_cf, name)(x3.size, *inputs, *params, *scalars, out3, *tiles, nt)
         return
     big = _nt(out3, fresh)
     for views, P in _cl_parts(inputs + (out3,), p.C):
@@ -941,13 +951,7 @@ def _infer_tiled(p, x3, y3, center, var, weight, bias, eps, lo, fresh):
     without the Python steps and the second dispatch in between."""
     narrow = _narrow(x3)
     (a, rows), (a32, rows32) = _param_rows(p, 3, narrow)
-    if p.channels_last:
-        tiles = _cl_tiles(x3.shape[0], p.C, False, x3.itemsize)
-        nt = _nt(y3, fresh) and _streams(tiles[1], y3)
-    else:
-        N, C, S = x3.shape
-        tiles = _cf_row_tiles(N * C, S)
-        nt = _cf_nt(y3, fresh)
+    tiles, nt = _apply_tiles(p, x3, y3, fresh)
     if not _family(p).infer_tiled(x3.size, x3, center, var, weight, bias, eps, narrow, a, a32,
                                   _floor(rows32[0], lo), y3, *tiles, nt):
         # float64 lanes for float32 data: the parameters are in a
@@ -1210,8 +1214,9 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
             done = _cl.backward_tiled(x3.size, x3, dy3, mean, invstd, w, *tiles, narrow, a, a32,
                                       dx3, grads, nt)
         else:
+            tiles, nt = _apply_tiles(p, x3, dx3, fresh)
             done = _cf.backward_tiled(x3.size, x3, dy3, mean, invstd, w, *_cf_bwd_tiles(x3),
-                                      narrow, a, a32, dx3, grads, _cf_nt(dx3, fresh))
+                                      *tiles, narrow, a, a32, dx3, grads, nt)
         if not done:  # float64 lanes needed: the parameters are in a
             _elementwise(p, "bwd_apply", (x3, dy3), rows, (), dx3, fresh)
         if finish is not None:
