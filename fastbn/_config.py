@@ -10,6 +10,7 @@ import os
 import sys
 import tempfile
 import threading
+import types
 import warnings
 
 # The threading layer has to be chosen before Numba starts its first parallel region.
@@ -179,8 +180,6 @@ def _clone(func, suffix):
     Numba's cache index is keyed by qualified name and signature, not by compile flags, so
     the serial and the parallel build of one kernel must not share a name.
     """
-    import types
-
     clone = types.FunctionType(
         func.__code__, func.__globals__, func.__name__ + suffix, func.__defaults__, func.__closure__
     )
@@ -188,6 +187,24 @@ def _clone(func, suffix):
     clone.__module__ = func.__module__
     clone.__doc__ = func.__doc__
     return clone
+
+
+def specialise(template, name, doc=None, **names):
+    """A copy of the function `template` named `name`, in whose globals `names` (helpers it
+    calls) replace the template's placeholders; the globals are those of its module when this
+    runs, so what it calls must be defined by then.
+
+    Not a closure over the helpers: Numba's cache index key includes the pickled closure
+    cells, and a pickled dispatcher or intrinsic differs from one process to the next, so a
+    kernel closing over one missed the cache, and wrote a new file, in every new process.
+    """
+    func = types.FunctionType(template.__code__, dict(template.__globals__, **names), name,
+                              template.__defaults__)
+    # its own name: Numba's cache files are named after the function
+    func.__qualname__ = name
+    func.__module__ = template.__module__
+    func.__doc__ = template.__doc__ if doc is None else doc
+    return func
 
 
 class Kernel:

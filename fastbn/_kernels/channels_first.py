@@ -19,9 +19,10 @@ import math
 import numba
 import numpy as np
 
-from .._config import SMALL_PARALLEL_FROM, helper, kernel
+from .._config import SMALL_PARALLEL_FROM, helper, kernel, specialise
 from .merge import (affine_fits32, affine_params_chunked, backward_params, bwd_coefficients,
-                    bwd_fits32, chan, grads_out, merged_sums, narrow_centre, unshifted)
+                    bwd_fits32, chan, grads_out, infer_tiled_template, merged_sums, narrow_centre,
+                    unshifted)
 from .simd import (affine_run, affine_run_nt, at, block_bwd_sums, block_bwd_sums_pf, block_moments,
                    block_moments32, block_moments32_pf, block_moments_pf, bwd_apply_run,
                    bwd_apply_run_nt, fence, load)
@@ -119,34 +120,39 @@ def _first_means(x):
     return out
 
 
-def _moments32_with(lanes32, lanes64, name):
-    """``_moments32`` over the block sums ``lanes32`` and ``lanes64`` (simd intrinsics)."""
+# placeholders of the templates below, which each copy replaces (_config.specialise)
+_lanes32 = _lanes64 = _block = _shifts = None
 
-    def moments32(p, rs, n, nrows, h):
-        """``(h, d1, d2)``: a shift and the sums of ``x - h`` and of its square over ``nrows`` runs
-        of ``n`` values from ``p``, ``rs`` values apart, float32 data (``h`` the caller's
-        float32-representable guess).
 
-        In float32 lanes (simd.block_moments32, half the vector work of float64 lanes, which is the
-        bound on cache-resident data: (4096, 1, 512) 236 -> 144 us) where :func:`_sound32` says the
-        sums can be trusted; else again in float64 lanes, about the mean found if that is finite
-        (``h`` was off by over a standard deviation), else about the block's first value.  Float32
-        means and variances stay within a unit in the last place of the float64 lanes' (1e-8..1e-7
-        relative in the variance on normal, skewed, sorted, padded and offset data).  One call of
-        each intrinsic: a second float32 attempt made the helper too large to inline."""
-        L = float(n * nrows)
-        d1, d2 = lanes32((p,), n, nrows, (rs,), (h,))
-        if _sound32(d1, d2, L):
-            return h, d1, d2
-        h = h + d1 / L
-        if not abs(h) < math.inf:
-            h = np.float64(load(p, 0))
-        d1, d2 = lanes64((p,), n, nrows, (rs,), (h,))
+def _moments32_template(p, rs, n, nrows, h):
+    """``(h, d1, d2)``: a shift and the sums of ``x - h`` and of its square over ``nrows`` runs
+    of ``n`` values from ``p``, ``rs`` values apart, float32 data (``h`` the caller's
+    float32-representable guess).
+
+    In float32 lanes (``_lanes32``: simd.block_moments32, half the vector work of float64
+    lanes, which is the bound on cache-resident data: (4096, 1, 512) 236 -> 144 us) where
+    :func:`_sound32` says the sums can be trusted; else again in float64 lanes (``_lanes64``),
+    about the mean found if that is finite (``h`` was off by over a standard deviation), else
+    about the block's first value.  Float32 means and variances stay within a unit in the last
+    place of the float64 lanes' (1e-8..1e-7 relative in the variance on normal, skewed, sorted,
+    padded and offset data).  One call of each intrinsic: a second float32 attempt made the
+    helper too large to inline."""
+    L = float(n * nrows)
+    d1, d2 = _lanes32((p,), n, nrows, (rs,), (h,))
+    if _sound32(d1, d2, L):
         return h, d1, d2
+    h = h + d1 / L
+    if not abs(h) < math.inf:
+        h = np.float64(load(p, 0))
+    d1, d2 = _lanes64((p,), n, nrows, (rs,), (h,))
+    return h, d1, d2
 
-    # its own name: Numba's cache files are named after the function
-    moments32.__name__ = moments32.__qualname__ = name
-    return helper(inline=True)(moments32)
+
+def _moments32_with(lanes32, lanes64, name):
+    """:func:`_moments32_template` over the block sums ``lanes32`` and ``lanes64`` (simd
+    intrinsics)."""
+    return helper(inline=True)(specialise(_moments32_template, name, _lanes32=lanes32,
+                                          _lanes64=lanes64))
 
 
 _moments32 = _moments32_with(block_moments32, block_moments, "_moments32")
@@ -256,27 +262,21 @@ def bwd_sums(x, dy, mu, R, W, SB, sg, sgx):
     _bwd_sums_tiles(x, dy, mu, R, W, SB, sg, sgx)
 
 
-def _block_moments_kernel(name, block, shifts, doc):
-    """A kernel ``(x, R, W, SB, hi, lo, m2)``: per tile, each channel's moments in one shifted
-    pass over its ``R`` runs, ``block(p, rows, n, nrows, shift[c]) -> (h, d1, d2)`` (``p``
-    the tile's first value of the channel), with ``shift = shifts(x)`` computed once."""
-
-    def run(x, R, W, SB, hi, lo, m2):
-        shift = shifts(x)
-        rs = _rows(x)
-        for it in numba.prange(_items(x, R, W, SB)):
-            k, n0, n1, c0, c1, s0, s1 = _tile(it, x.shape, R, W, SB)
-            n = float((n1 - n0) * (s1 - s0))
-            for c in range(c0, c1):
-                h, d1, d2 = block(at(x, (n0, c, s0)), rs, s1 - s0, n1 - n0, shift[c])
-                hi[k, c] = h
-                lo[k, c] = d1 / n
-                m2[k, c] = _m2(d1, d2, n)
-
-    # its own name: Numba's cache files are named after the function
-    run.__name__ = run.__qualname__ = name
-    run.__doc__ = doc
-    return run
+def _block_moments(x, R, W, SB, hi, lo, m2):
+    """Per tile, each channel's moments in one shifted pass over its ``R`` runs,
+    ``_block(p, rows, n, nrows, shift[c]) -> (h, d1, d2)`` (``p`` the tile's first value of the
+    channel), with ``shift = _shifts(x)`` computed once: the template of :func:`moments_short`
+    and :func:`moments32`."""
+    shift = _shifts(x)
+    rs = _rows(x)
+    for it in numba.prange(_items(x, R, W, SB)):
+        k, n0, n1, c0, c1, s0, s1 = _tile(it, x.shape, R, W, SB)
+        n = float((n1 - n0) * (s1 - s0))
+        for c in range(c0, c1):
+            h, d1, d2 = _block(at(x, (n0, c, s0)), rs, s1 - s0, n1 - n0, shift[c])
+            hi[k, c] = h
+            lo[k, c] = d1 / n
+            m2[k, c] = _m2(d1, d2, n)
 
 
 @helper
@@ -302,10 +302,10 @@ _MOMENTS_SHORT_DOC = """:func:`moments` for short runs: each channel of a tile i
 _MOMENTS32_DOC = """:func:`moments_short` for float32 data in float32 lanes (:func:`_moments32`,
     shifts: ``_first_means``), where :func:`lanes32` says so, for runs of any length: one pass
     per tile and channel."""
-moments_short = kernel(_block_moments_kernel("moments_short", _first_value_block, _no_shifts,
-                                             _MOMENTS_SHORT_DOC), exact=True)
-moments32 = kernel(_block_moments_kernel("moments32", _moments32_pf, _first_means,
-                                         _MOMENTS32_DOC), exact=True)
+moments_short = kernel(specialise(_block_moments, "moments_short", _MOMENTS_SHORT_DOC,
+                                   _block=_first_value_block, _shifts=_no_shifts), exact=True)
+moments32 = kernel(specialise(_block_moments, "moments32", _MOMENTS32_DOC, _block=_moments32_pf,
+                              _shifts=_first_means), exact=True)
 
 
 @helper(exact=True, inline=True)
@@ -376,18 +376,8 @@ def affine(x, center, scale, shift, lo, y, RB, SB, nt):
     _affine_tiles(x, center, scale, shift, lo, y, RB, SB, nt)
 
 
-@kernel(exact=True)
-def infer_tiled(x, center, var, weight, bias, eps, narrow, a, a32, lo32, y, RB, SB, nt):
-    """Inference in one call: ``merge.affine_params_chunked`` into the scratch ``a`` and
-    ``a32`` (float32, or ``a`` for float64 data; ``lo32`` the floor in its type), then
-    :func:`affine` in tiles of ``RB`` rows by ``SB`` positions.  Returns False, with nothing
-    written to ``y``, where float32 data needs float64 lanes: the caller finishes with the
-    parameters in ``a``."""
-    C = x.shape[1]
-    if affine_params_chunked(center, var, weight, bias, eps, 0, narrow, a, a32) != narrow:
-        return False
-    _affine_tiles(x, a32[0, :C], a32[1, :C], a32[2, :C], lo32, y, RB, SB, nt)
-    return True
+infer_tiled = kernel(specialise(infer_tiled_template, "channels_first_infer_tiled",
+                                 _affine_tiles=_affine_tiles), exact=True)
 
 
 @helper(exact=True, inline=True)

@@ -11,10 +11,11 @@ import math
 import numba
 import numpy as np
 
-from .._config import SMALL_PARALLEL_FROM, helper, kernel
+from .._config import SMALL_PARALLEL_FROM, helper, kernel, specialise
 from .channels_first import _m2, _rows
 from .merge import (affine_params_chunked, backward_params, bwd_coefficients, bwd_fits32,
-                    grads_out, merged_moments, merged_sums, narrow_centre, unshifted)
+                    grads_out, infer_tiled_template, merged_moments, merged_sums, narrow_centre,
+                    unshifted)
 from .simd import (affine_rows, affine_rows_nt, at, bwd_apply_rows, bwd_apply_rows_nt,
                    column_bwd_sums, column_moments, fence, load, store)
 
@@ -283,15 +284,8 @@ def train_tiled(x, R, W, count, Re, We, weight, bias, eps, narrow, a, a32, lo32,
     return 0
 
 
-@kernel(exact=True)
-def infer_tiled(x, center, var, weight, bias, eps, narrow, a, a32, lo32, y, R, W, nt):
-    """Inference in one call: as the channels-first ``infer_tiled``, in tiles of ``R`` rows by
-    ``W`` channels."""
-    C = x.shape[1]
-    if affine_params_chunked(center, var, weight, bias, eps, 0, narrow, a, a32) != narrow:
-        return False
-    _affine_tiles(x, a32[0, :C], a32[1, :C], a32[2, :C], lo32, y, R, W, nt)
-    return True
+infer_tiled = kernel(specialise(infer_tiled_template, "channels_last_infer_tiled",
+                                 _affine_tiles=_affine_tiles), exact=True)
 
 
 @kernel(exact=True)

@@ -314,3 +314,21 @@ def _fits32(v):
     coefficients with data stay representable)."""
     a = abs(v)
     return (a == 0.0) | ((a > 1e-30) & (a < 1e30))
+
+
+# the layout's elementwise tiles (channels_first._affine_tiles, channels_last._affine_tiles):
+# each layout's copy of the templates below binds its own (_config.specialise)
+_affine_tiles = None
+
+
+def infer_tiled_template(x, center, var, weight, bias, eps, narrow, a, a32, lo32, y, R, W, nt):
+    """Inference in one call: :func:`affine_params_chunked` into the scratch ``a`` and ``a32``
+    (float32, or ``a`` for float64 data; ``lo32`` the floor in its type), then the layout's
+    ``_affine_tiles`` in tiles of sizes ``R`` and ``W``, ``nt`` its choice of stores.  Returns
+    False, with nothing written to ``y``, where float32 data needs float64 lanes: the caller
+    finishes with the parameters in ``a``."""
+    C = x.shape[1]
+    if affine_params_chunked(center, var, weight, bias, eps, 0, narrow, a, a32) != narrow:
+        return False
+    _affine_tiles(x, a32[0, :C], a32[1, :C], a32[2, :C], lo32, y, R, W, nt)
+    return True
