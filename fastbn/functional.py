@@ -5,6 +5,7 @@ number of values per channel, ``L``); the running variance is updated with the u
 (divide by ``L - 1``); ``running = (1 - momentum) * running + momentum * batch``.
 """
 
+import functools
 import math
 import operator
 import threading
@@ -647,11 +648,42 @@ def _cl_params(params, C, P):
     return rows
 
 
-# Channels-last views with at least this many channels run rows as they are (see _cl_parts)
+# Channels-last views with at least this many channels run rows as they are in the
+# reductions (see _cl_parts)
 _CL_WHOLE_ROWS = 16
+# ... and their elementwise passes view rows that are not a whole number of cache lines as
+# one too, as below: each row then began and ended with vectors straddling lines, and a masked
+# tail step.  Kernel alone, float32, 2 threads, rows as they are -> viewed as one (values):
+# (200000, 24) 399 -> 269 us (96), (100000, 40) 278 -> 214 us (80), (8000, 24) 23.2 -> 12.3 us,
+# (1600, 24) 5.4 -> 3.8 us.  Longer rows gained nothing ((40000, 100): even in rows of 400,
+# (3136, 520) 0.93x in rows of 1040), nor did rows of whole lines out of cache ((60000, 64)
+# float32, (100000, 24) float64: even, and 0.8x in rows of 48 values).
+_CL_WIDEN_BELOW_BYTES = 256
 
 
-def _cl_parts(arrays, C):
+@functools.lru_cache(maxsize=256)
+def _cl_row_factor(M, C, itemsize, elementwise):
+    """How many of the ``M`` rows of ``C`` values :func:`_cl_parts` views as one (cached:
+    found afresh it cost 0.25 us of a 9 us call)."""
+    line = _LINE // itemsize
+    want = -(-64 // C)
+    if C < _CL_WHOLE_ROWS:
+        P = want
+        while P * C % line:
+            P += 1
+        return P
+    if not elementwise or C % line == 0 or C * itemsize >= _CL_WIDEN_BELOW_BYTES:
+        return 1
+    # rows of a whole number of lines, as below, and a P that divides M, so that no rows are
+    # left over and the one-call kernels view the whole tensor alike
+    step = line // math.gcd(C, line)
+    for P in range(-(-want // step) * step, 0, -step):
+        if M % P == 0:
+            return P
+    return 1
+
+
+def _cl_parts(arrays, C, elementwise=False):
     """Split same-shaped channels-last views ``(M, C)`` into kernel-friendly parts.
 
     With few channels an inner loop across ``C`` is too short to vectorise, so ``P`` rows are
@@ -663,20 +695,21 @@ def _cl_parts(arrays, C):
     float32 (64, 224, 224, 3) (66 -> 96 values) inference 2.14 -> 1.63 ms, training 3.30 ->
     2.88 ms, backward 5.35 -> 4.67 ms; (32, 64, 64, 7) (70 -> 112) training 339 -> 240 us,
     backward 521 -> 315 us; float64 (64, 224, 224, 3) (66 -> 72) training 11.3 -> 9.4 ms.
-    Returns ``[(views, P), ...]``.
+    ``elementwise``: for an elementwise pass, which views rows of more channels as one too
+    where they are not a whole number of lines (see above).  Returns ``[(views, P), ...]``.
     """
-    if C >= _CL_WHOLE_ROWS:
-        return [(arrays, 1)]
-    line = _LINE // arrays[0].itemsize
-    P = -(-64 // C)
-    while P * C % line:
-        P += 1
     M = arrays[0].shape[0]
+    P = _cl_row_factor(M, C, arrays[0].itemsize, elementwise)
+    if P == 1:
+        return [(arrays, 1)]
     Mw = M - M % P
     if Mw == 0:
         return [(arrays, 1)]
     wide = []
     for a in arrays:
+        if Mw == M and a.flags.c_contiguous:  # reshapes without a copy, 0.1 against 0.8 us
+            wide.append(a.reshape(M // P, P * C))
+            continue
         v = _layout._reshape_nocopy(a[:Mw], (Mw // P, P * C))
         # rows further apart than C values (a size-1 channel axis cut from a wider array,
         # x[:, :1]) reshape into rows with gaps: the kernels read a row as contiguous vectors
@@ -772,20 +805,23 @@ def _apply_tiles(p, x3, out3, fresh):
     ``out3`` (channels-last ``(R, W)``, channels-first ``(RB, SB)``) and whether it streams,
     as :func:`_elementwise` takes them for a view it leaves whole; the one-call tiled kernels
     take the same."""
-    if p.channels_last:
-        tiles = _cl_tiles(x3.shape[0], p.C, False, x3.itemsize)
+    if p.channels_last:  # x3 may view several rows as one (see _cl_parts)
+        tiles = _cl_tiles(x3.shape[0], x3.shape[1], False, x3.itemsize)
         return tiles, _nt(out3, fresh) and _streams(tiles[1], out3)
     N, C, S = x3.shape
     return _cf_row_tiles(N * C, S), _cf_nt(out3, fresh)
 
 
-def _cl_tiled_args(p, x3, y3, fresh):
-    """The tiles ``(R, W, Re, We)`` of a channels-last one-call tiled kernel (reduction, then
-    elementwise pass) and its streaming choice, as :func:`_reduce` and :func:`_elementwise`
-    would take them."""
+def _cl_tiled_args(p, x3, arrays, fresh):
+    """``(views, P, (R, W, Re, We), nt)`` for a channels-last one-call tiled kernel (reduction
+    of ``x3``, then an elementwise pass over ``arrays``, its inputs then its output): those
+    views as :func:`_cl_parts` gives them to :func:`_elementwise` (``P`` rows as one), the
+    tiles of the reduction and of the pass, and its streaming choice, as :func:`_reduce` and
+    :func:`_elementwise` take them."""
     R, W = _cl_tiles(x3.shape[0], p.C, True, x3.itemsize)
-    tiles, nt = _apply_tiles(p, x3, y3, fresh)
-    return (R, W) + tiles, nt
+    ((views, P),) = _cl_parts(arrays, p.C, elementwise=True)  # P divides the rows
+    tiles, nt = _apply_tiles(p, views[0], views[-1], fresh)
+    return views, P, (R, W) + tiles, nt
 
 
 def _cf_bwd_tiles(x3):
@@ -821,7 +857,7 @@ def _elementwise(p, name, inputs, params, scalars, out3, fresh=False):
         getattr(_cf, name)(x3.size, *inputs, *params, *scalars, out3, *tiles, nt)
         return
     big = _nt(out3, fresh)
-    for views, P in _cl_parts(inputs + (out3,), p.C):
+    for views, P in _cl_parts(inputs + (out3,), p.C, elementwise=True):
         M, Cw = views[0].shape
         R, W = _cl_tiles(M, Cw, False, views[0].itemsize)
         nt = big and _streams(W, views[-1])
@@ -950,24 +986,28 @@ def _infer_tiled(p, x3, y3, center, var, weight, bias, eps, lo, fresh):
     see :func:`_tiled_one_call`): the same parameters, tiles and stores, so the same results,
     without the Python steps and the second dispatch in between."""
     narrow = _narrow(x3)
-    (a, rows), (a32, rows32) = _param_rows(p, 3, narrow)
-    tiles, nt = _apply_tiles(p, x3, y3, fresh)
-    if not _family(p).infer_tiled(x3.size, x3, center, var, weight, bias, eps, narrow, a, a32,
-                                  _floor(rows32[0], lo), y3, *tiles, nt):
+    xw, yw, P = x3, y3, 1
+    if p.channels_last:
+        ((xw, yw), P), = _cl_parts((x3, y3), p.C, elementwise=True)
+    (a, rows), (a32, rows32) = _param_rows(p, 3, narrow, P)
+    tiles, nt = _apply_tiles(p, xw, yw, fresh)
+    if not _family(p).infer_tiled(x3.size, xw, center, var, weight, bias, eps, narrow, a, a32,
+                                  _floor(rows32[0], lo), yw, *tiles, nt):
         # float64 lanes for float32 data: the parameters are in a
         _elementwise(p, "affine", (x3,), rows, (_floor(rows[0], lo),), y3, fresh)
 
 
-def _param_rows(p, k, narrow):
+def _param_rows(p, k, narrow, P=1):
     """``((a, rows), (a32, rows32))``: scratch ``a`` for ``k`` rows of float64 per-channel
     parameters of an elementwise pass (the ``out`` of the ``merge`` parameter functions) with
-    its rows as a tuple of ``C``-long views, and float32 alike (``narrow``: float32 data) for
-    what those functions fill when float32 lanes are safe (else ``a`` again, never written).
+    its rows as a tuple of ``P * C``-long views (``P``: channels-last rows viewed as one, see
+    :func:`_cl_parts`), and float32 alike (``narrow``: float32 data) for what those functions
+    fill when float32 lanes are safe (else ``a`` again, never written).
     Rows start on cache lines for the channels-last passes, which read them as vectors (see
     :func:`_line_rows`); its cached row views also save building them on every call (1.2 us
     of a 35 us channels-first backward)."""
-    f64 = _line_rows(k, p.C)
-    return f64, _line_rows(k, p.C, _F32) if narrow else f64
+    f64 = _line_rows(k, P * p.C)
+    return f64, _line_rows(k, P * p.C, _F32) if narrow else f64
 
 
 _FLOORS = {(c, lo): np.dtype(c).type(lo) for c in "fd" for lo in (0.0, _NEG_INF)}
@@ -1063,12 +1103,12 @@ def _train(x, axis, weight, bias, eps, out, guard=()):
     elif _tiled_one_call(p, x3, "moments"):
         mean = np.empty(C)
         var = np.empty(C)
-        (R, W, Re, We), nt = _cl_tiled_args(p, x3, y3, fresh)
+        (xw, yw), P, (R, W, Re, We), nt = _cl_tiled_args(p, x3, (x3, y3), fresh)
         narrow = _narrow(x3)
-        (a, _), (a32, rows32) = _param_rows(p, 3, narrow)
-        status = _cl.train_tiled(x3.size, x3, R, W, _tile_counts(x3.shape[0], R), Re, We, w, b,
-                                 eps, narrow, a, a32, _floor(rows32[0], _NEG_INF), y3, mean, var,
-                                 nt)
+        (a, _), (a32, rows32) = _param_rows(p, 3, narrow, P)
+        status = _cl.train_tiled(x3.size, x3, xw, R, W, _tile_counts(x3.shape[0], R), Re, We, w,
+                                 b, eps, narrow, a, a32, _floor(rows32[0], _NEG_INF), yw, mean,
+                                 var, nt)
         if status:  # nothing written yet: a mean NaN or infinite (1), float64 lanes needed (2)
             if status == 1:
                 mean, var = _nonfinite_means(p, x3, mean, var)
@@ -1208,12 +1248,13 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
     if training and _tiled_one_call(p, x3, "bwd_sums"):
         grads = np.empty((2, C), x.dtype)
         narrow = _narrow(x3)
-        (a, rows), (a32, _) = _param_rows(p, 4, narrow)
         if p.channels_last:
-            tiles, nt = _cl_tiled_args(p, x3, dx3, fresh)
-            done = _cl.backward_tiled(x3.size, x3, dy3, mean, invstd, w, *tiles, narrow, a, a32,
-                                      dx3, grads, nt)
+            (xw, dyw, dxw), P, tiles, nt = _cl_tiled_args(p, x3, (x3, dy3, dx3), fresh)
+            (a, rows), (a32, _) = _param_rows(p, 4, narrow, P)
+            done = _cl.backward_tiled(x3.size, x3, dy3, xw, dyw, mean, invstd, w, *tiles, narrow,
+                                      a, a32, dxw, grads, nt)
         else:
+            (a, rows), (a32, _) = _param_rows(p, 4, narrow)
             tiles, nt = _apply_tiles(p, x3, dx3, fresh)
             done = _cf.backward_tiled(x3.size, x3, dy3, mean, invstd, w, *_cf_bwd_tiles(x3),
                                       *tiles, narrow, a, a32, dx3, grads, nt)

@@ -275,10 +275,11 @@ def test_inference_and_backward_tiled_in_one_call(monkeypatch, shape, axis, fami
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(64, 1040), (40, 10, 10, 3)])
+@pytest.mark.parametrize("shape", [(64, 1040), (40, 10, 10, 3), (50, 8, 8, 24)])
 def test_channels_last_parameter_rows(monkeypatch, shape, dtype):
     """The channels-last elementwise passes read per-channel parameters as vectors: each row
-    starts on a cache line, also when tiled for few channels (``functional._cl_params``), tiles
+    starts on a cache line, also when tiled for rows viewed as one (``functional._cl_params``,
+    ``merge.tile_columns``: few channels, or rows not a whole number of lines), tiles
     of a tensor in cache span at most 4 KB of channels, and the results match the reference,
     twice in a row (the rows are per-thread scratch, reused)."""
     seen = []
@@ -293,14 +294,15 @@ def test_channels_last_parameter_rows(monkeypatch, shape, dtype):
             return _kernel(size, *args)
 
         monkeypatch.setattr(F._cl, name, spy)
-    # the one-call tiled kernels take the scratch whole (rows of at least C values) and the
-    # elementwise tiles' width, at these positions among their arguments
-    for name, we, scratch in (("train_tiled", 5, 10), ("backward_tiled", 8, 10),
-                              ("infer_tiled", 12, 7)):
+    # the one-call tiled kernels take the elementwise pass's view of x, the scratch whole
+    # (rows of at least as many values as that view's) and the elementwise tiles' width, at
+    # these positions among their arguments
+    for name, view, we, scratch in (("train_tiled", 1, 6, 11), ("backward_tiled", 2, 10, 12),
+                                    ("infer_tiled", 0, 12, 7)):
         kernel = getattr(F._cl, name)
 
-        def spy(size, *args, _kernel=kernel, _we=we, _a=scratch):
-            x2, W = args[0], args[_we]
+        def spy(size, *args, _kernel=kernel, _view=view, _we=we, _a=scratch):
+            x2, W = args[_view], args[_we]
             rows = [r for a in args[_a:_a + 2] for r in a]
             seen.append(([r.__array_interface__["data"][0] % 64 for r in rows],
                          W * x2.itemsize, all(r.shape[0] >= x2.shape[1] for r in rows)))
@@ -336,8 +338,10 @@ def test_channels_last_parameter_rows(monkeypatch, shape, dtype):
 
 # channels-last tensors past the one-call sizes: one block of 64 channels, rows of 48 float32
 # values; two merge blocks (more than 256 channels); a row count that is not a multiple of the
-# tile's; channels-last 4-D
-TILED_CL = [((1152, 48), -1), ((600, 300), -1), ((2001, 40), 1), ((4, 12, 12, 64), -1)]
+# tile's; channels-last 4-D; rows not a whole number of cache lines, whose elementwise passes
+# view several rows as one (functional._cl_row_factor; float32 only for 24 channels)
+TILED_CL = [((1152, 48), -1), ((600, 300), -1), ((2001, 40), 1), ((4, 12, 12, 64), -1),
+            ((2400, 20), -1), ((96, 5, 5, 24), -1)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

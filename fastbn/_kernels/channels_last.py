@@ -15,7 +15,7 @@ from .._config import SMALL_PARALLEL_FROM, helper, kernel, specialise
 from .channels_first import _m2, _rows
 from .merge import (affine_params_chunked, backward_params, bwd_coefficients, bwd_fits32,
                     grads_out, infer_tiled_template, merged_moments, merged_sums, narrow_centre,
-                    unshifted)
+                    tile_columns, unshifted)
 from .simd import (affine_rows, affine_rows_nt, at, bwd_apply_rows, bwd_apply_rows_nt,
                    column_bwd_sums, column_moments, fence, load, store)
 
@@ -268,19 +268,21 @@ def stats_tiled(x, R, W, count, ddof, mean, var):
 
 
 @kernel(exact=True)
-def train_tiled(x, R, W, count, Re, We, weight, bias, eps, narrow, a, a32, lo32, y, mean,
+def train_tiled(x, xw, R, W, count, Re, We, weight, bias, eps, narrow, a, a32, lo32, yw, mean,
                 var, nt):
     """Forward training: :func:`stats_tiled`, then ``merge.affine_params_chunked`` into the
     scratch ``a`` (float64) and ``a32`` (float32, or ``a`` for float64 data; ``lo32`` the floor
-    in its type), then :func:`affine` in tiles of ``Re`` rows by ``We`` channels.  Returns 0 when
-    done; else nothing was written to ``y``: 1 where a mean came out NaN or infinite, 2 where
-    float32 data needs float64 lanes (see above)."""
+    in its type), then :func:`affine` from ``xw`` into ``yw`` in tiles of ``Re`` rows by ``We``
+    columns (``x`` and ``y`` viewed as rows of whole channel rows, see ``merge.tile_columns``).
+    Returns 0 when done; else nothing was written to ``yw``: 1 where a mean came out NaN or
+    infinite, 2 where float32 data needs float64 lanes (see above)."""
     M, C = x.shape
     if _stats_tiles(x, R, W, count, 0.0, mean, var):
         return 1
     if affine_params_chunked(mean, var, weight, bias, eps, M, narrow, a, a32) != narrow:
         return 2
-    _affine_tiles(x, a32[0, :C], a32[1, :C], a32[2, :C], lo32, y, Re, We, nt)
+    V = tile_columns(a32, C, xw.shape[1])
+    _affine_tiles(xw, a32[0, :V], a32[1, :V], a32[2, :V], lo32, yw, Re, We, nt)
     return 0
 
 
@@ -289,13 +291,15 @@ infer_tiled = kernel(specialise(infer_tiled_template, "channels_last_infer_tiled
 
 
 @kernel(exact=True)
-def backward_tiled(x, dy, mu, invstd, weight, R, W, Re, We, narrow, a, a32, dx, grads, nt):
+def backward_tiled(x, dy, xw, dyw, mu, invstd, weight, R, W, Re, We, narrow, a, a32, dxw, grads,
+                   nt):
     """Backward in training mode: :func:`bwd_sums` in tiles of ``R`` rows by ``W`` channels,
     their merge, ``merge.backward_params`` into the scratch ``a`` and ``a32`` (as
-    :func:`train_tiled`), ``grads`` (``dweight``, ``dbias``), then ``dx`` in tiles of ``Re``
-    rows by ``We`` channels.  ``mu``, ``invstd`` and ``weight`` (or None) come as the caller
-    passed them.  Returns False, with nothing written to ``dx``, where float32 data needs
-    float64 lanes: the caller finishes with the parameters in ``a``."""
+    :func:`train_tiled`), ``grads`` (``dweight``, ``dbias``), then ``dx`` from ``xw`` and
+    ``dyw`` into ``dxw`` (viewed as :func:`train_tiled` views them) in tiles of ``Re`` rows by
+    ``We`` columns.  ``mu``, ``invstd`` and ``weight`` (or None) come as the caller passed them.
+    Returns False, with nothing written to ``dxw``, where float32 data needs float64 lanes: the
+    caller finishes with the parameters in ``a``."""
     M, C = x.shape
     m = mu.astype(np.float64)
     istd = invstd.astype(np.float64)
@@ -306,7 +310,8 @@ def backward_tiled(x, dy, mu, invstd, weight, R, W, Re, We, narrow, a, a32, dx, 
     grads_out(sums, istd, grads)
     if backward_params(sums, m, istd, weight, float(M), True, narrow, a, a32) != narrow:
         return False
-    _bwd_apply_tiles(x, dy, a32[0, :C], a32[1, :C], a32[2, :C], a32[3, :C], dx, Re, We, nt)
+    V = tile_columns(a32, C, xw.shape[1])
+    _bwd_apply_tiles(xw, dyw, a32[0, :V], a32[1, :V], a32[2, :V], a32[3, :V], dxw, Re, We, nt)
     return True
 
 

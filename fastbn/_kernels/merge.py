@@ -323,12 +323,26 @@ _affine_tiles = None
 
 def infer_tiled_template(x, center, var, weight, bias, eps, narrow, a, a32, lo32, y, R, W, nt):
     """Inference in one call: :func:`affine_params_chunked` into the scratch ``a`` and ``a32``
-    (float32, or ``a`` for float64 data; ``lo32`` the floor in its type), then the layout's
-    ``_affine_tiles`` in tiles of sizes ``R`` and ``W``, ``nt`` its choice of stores.  Returns
+    (float32, or ``a`` for float64 data; ``lo32`` the floor in its type), tiled across the
+    view's rows (:func:`tile_columns`: channels-last rows may be several rows of the tensor),
+    then the layout's ``_affine_tiles`` in tiles of sizes ``R`` and ``W``, ``nt`` its choice of
+    stores.  Returns
     False, with nothing written to ``y``, where float32 data needs float64 lanes: the caller
     finishes with the parameters in ``a``."""
-    C = x.shape[1]
+    C = center.shape[0]
     if affine_params_chunked(center, var, weight, bias, eps, 0, narrow, a, a32) != narrow:
         return False
-    _affine_tiles(x, a32[0, :C], a32[1, :C], a32[2, :C], lo32, y, R, W, nt)
+    V = tile_columns(a32, C, x.shape[1])
+    _affine_tiles(x, a32[0, :V], a32[1, :V], a32[2, :V], lo32, y, R, W, nt)
     return True
+
+
+@helper
+def tile_columns(a, C, V):
+    """Repeat the first ``C`` columns of each row of ``a`` through column ``V`` (a multiple of
+    ``C``): per-channel parameters for channels-last views whose rows of ``V`` values are
+    several rows of ``C`` channels (``functional._cl_parts``).  Returns ``V``."""
+    for i in range(a.shape[0]):
+        for j in range(C, V):
+            a[i, j] = a[i, j - C]
+    return V
