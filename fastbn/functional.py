@@ -819,9 +819,18 @@ def _cl_tiled_args(p, x3, arrays, fresh):
     tiles of the reduction and of the pass, and its streaming choice, as :func:`_reduce` and
     :func:`_elementwise` take them."""
     R, W = _cl_tiles(x3.shape[0], p.C, True, x3.itemsize)
-    ((views, P),) = _cl_parts(arrays, p.C, elementwise=True)  # P divides the rows
-    tiles, nt = _apply_tiles(p, views[0], views[-1], fresh)
+    views, P, tiles, nt = _cl_wide_args(p, arrays, fresh)
     return views, P, (R, W) + tiles, nt
+
+
+def _cl_wide_args(p, arrays, fresh):
+    """``(views, P, tiles, nt)``: the channels-last ``arrays`` (an elementwise pass's inputs,
+    then its output) as :func:`_cl_parts` views them for a one-call kernel, ``P`` rows as one
+    (``P`` divides the rows, so there is one part), and the pass's tiles and streaming choice
+    (:func:`_apply_tiles`)."""
+    ((views, P),) = _cl_parts(arrays, p.C, elementwise=True)
+    tiles, nt = _apply_tiles(p, views[0], views[-1], fresh)
+    return views, P, tiles, nt
 
 
 def _cf_bwd_tiles(x3):
@@ -986,11 +995,12 @@ def _infer_tiled(p, x3, y3, center, var, weight, bias, eps, lo, fresh):
     see :func:`_tiled_one_call`): the same parameters, tiles and stores, so the same results,
     without the Python steps and the second dispatch in between."""
     narrow = _narrow(x3)
-    xw, yw, P = x3, y3, 1
     if p.channels_last:
-        ((xw, yw), P), = _cl_parts((x3, y3), p.C, elementwise=True)
+        (xw, yw), P, tiles, nt = _cl_wide_args(p, (x3, y3), fresh)
+    else:
+        (xw, yw), P = (x3, y3), 1
+        tiles, nt = _apply_tiles(p, x3, y3, fresh)
     (a, rows), (a32, rows32) = _param_rows(p, 3, narrow, P)
-    tiles, nt = _apply_tiles(p, xw, yw, fresh)
     if not _family(p).infer_tiled(x3.size, xw, center, var, weight, bias, eps, narrow, a, a32,
                                   _floor(rows32[0], lo), yw, *tiles, nt):
         # float64 lanes for float32 data: the parameters are in a

@@ -326,9 +326,8 @@ def infer_tiled_template(x, center, var, weight, bias, eps, narrow, a, a32, lo32
     (float32, or ``a`` for float64 data; ``lo32`` the floor in its type), tiled across the
     view's rows (:func:`tile_columns`: channels-last rows may be several rows of the tensor),
     then the layout's ``_affine_tiles`` in tiles of sizes ``R`` and ``W``, ``nt`` its choice of
-    stores.  Returns
-    False, with nothing written to ``y``, where float32 data needs float64 lanes: the caller
-    finishes with the parameters in ``a``."""
+    stores.  Returns False, with nothing written to ``y``, where float32 data needs float64
+    lanes: the caller finishes with the parameters in ``a``."""
     C = center.shape[0]
     if affine_params_chunked(center, var, weight, bias, eps, 0, narrow, a, a32) != narrow:
         return False
