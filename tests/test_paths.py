@@ -17,6 +17,7 @@ from util import assert_close, input_precision_slack
 import fastbn
 from fastbn import _config
 from fastbn import functional as F
+from fastbn._kernels import simd
 
 # (shape, axis): short runs (the *_short reductions when tiled), runs of 128 values or more,
 # runs of 1 KB in float32 (the short statistics, float32 lanes from 128 values, the per-run
@@ -529,3 +530,37 @@ def test_narrow_channels_last_rows_route(monkeypatch, shape, tiled, dtype):
     assert_close(dw, rdw, dtype, name="dweight")
     assert_close(db, rdb, dtype, name="dbias")
     assert seen[-1] == "backward_small", seen
+
+
+# channels-last rows of 1 to HOIST_LINES + 1 cache lines, whole or with a scalar tail: rows of
+# up to HOIST_LINES lines keep the per-element parameters in registers (simd._run_intrinsic), a
+# separate code path per length
+def _row_lengths(dtype):
+    line = 64 // np.dtype(dtype).itemsize
+    return [k * line + t for k in range(1, simd.HOIST_LINES + 2) for t in (0, 3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("route", ["one_call", "tiled"])
+def test_channels_last_rows_of_every_length(monkeypatch, route, dtype):
+    if route == "tiled":  # past the one-call sizes
+        monkeypatch.setattr(_config, "SERIAL_BELOW", 1)
+        monkeypatch.setattr(F, "_FUSED_BLOCK_BYTES", 0)
+    rng = np.random.default_rng(11)
+    for C in _row_lengths(dtype):
+        x = (rng.standard_normal((37, C)) * 3 + 1).astype(dtype)
+        dy = rng.standard_normal(x.shape).astype(dtype)
+        # parameters different in every channel: one line's taken for another's shows
+        w, b, rm, rv = params(C, dtype, "rows")
+        for activation in (None, "relu"):
+            assert_close(fastbn.batch_norm_infer(x, rm, rv, w, b, axis=-1, activation=activation),
+                         ref.batch_norm_infer(x, rm, rv, w, b, axis=-1, activation=activation),
+                         dtype, name=f"y, {C} channels")
+        y, mean, invstd = fastbn.batch_norm_train(x, w, b, axis=-1)
+        ry, _, rinvstd = ref.batch_norm_train(x, w, b, axis=-1)
+        slack = input_precision_slack(x, rinvstd, w)
+        assert_close(y, ry, dtype, slack=slack, name=f"train y, {C} channels")
+        for training in (True, False):
+            dx = fastbn.batch_norm_backward(dy, x, mean, invstd, w, axis=-1, training=training)[0]
+            rdx = ref.batch_norm_backward(dy, x, mean, invstd, w, axis=-1, training=training)[0]
+            assert_close(dx, rdx, dtype, slack=slack, name=f"dx, {C} channels")

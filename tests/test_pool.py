@@ -203,6 +203,19 @@ def test_empty_apart_keeps_a_quarter_page_from_both_inputs(ox, ody):
         assert not np.may_share_memory(y, x) and not np.may_share_memory(y, dy)
 
 
+@pytest.mark.parametrize("ox, ody", [(8, 16), (24, 24), (8, 2056)])
+def test_empty_apart_aligns_float64(ox, ody):
+    # inputs on 8 bytes but not 16: the output must still be aligned to its element (the
+    # kernels take unaligned views for copies) and apart from both
+    shape = (8, 64, 16, 16)
+    x = _at_offset(shape, np.float64, ox)
+    dy = _at_offset(shape, np.float64, ody)
+    for _ in range(8):
+        y = _pool.empty_apart(shape, np.float64, x.nbytes, x, dy)
+        assert y.flags.aligned and y.flags.c_contiguous and _page_offset(y) % 8 == 0
+        assert _page_gap(y, x) >= 1024 - 8 and _page_gap(y, dy) >= 1024 - 8
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_outputs_of_page_strided_rows_lie_apart_and_are_right(dtype):
     # (16, 64, 8, 8): each sample's rows lie 16 KB (32 KB) apart, and the tensor is large enough

@@ -137,6 +137,13 @@ def _tail_kinds(builder, rest):
     return builder.if_else(big)
 
 
+# Rows of a channels-last tile at most this many lines long keep their per-element parameters in
+# vector registers for the whole tile (3 of them for the affine, 4 for the backward: up to 32
+# vectors) instead of loading them again for every row, where the loads, not the arithmetic,
+# bound the loop (four loads and a store per line of output).
+HOIST_LINES = 8
+
+
 def _run_intrinsic(body, nt, rows=False):
     """An intrinsic ``run(ins, out, n, params)``: ``out[t] = body(ins[.][t], params)`` for
     ``t < n``.  ``ins`` is a tuple of data pointers; each parameter is a scalar (the same for
@@ -145,7 +152,9 @@ def _run_intrinsic(body, nt, rows=False):
     With ``rows``: ``run(ins, out, n, params, nrows, strides)`` does that for ``nrows`` rows of
     ``n`` values, row ``r`` of each array ``r * strides[.]`` elements on (``strides``: one per
     input, then the output's), the same per-element parameters for every row.  One call per
-    channels-last tile instead of one per row: per-row setup cost as much as a 64-value row."""
+    channels-last tile instead of one per row: per-row setup cost as much as a 64-value row.
+    Rows of up to ``HOIST_LINES`` whole lines (and a scalar tail) load the per-element
+    parameters once per call (ordinary stores only: streamed rows are long)."""
 
     def codegen(context, builder, signature, args):
         ins_t, out_t, _, par_t = signature.args[:4]
@@ -168,50 +177,65 @@ def _run_intrinsic(body, nt, rows=False):
         # Splats are built once, outside the loops.
         splats = [None if t is not None else _splat(builder, v, width) for v, t in pars]
 
+        def load(ptr, idx, vector, ll):
+            p = builder.gep(ptr, [idx])
+            if vector:
+                p = builder.bitcast(p, ir.VectorType(ll, width).as_pointer())
+            return builder.load(p, align=isz if vector else None)
+
+        def convert(v, to, widen):
+            if v.type == to:
+                return v
+            return builder.fpext(v, to) if widen else builder.fptrunc(v, to)
+
+        def params(idx, vector, mask=None):
+            """The parameters at ``idx``: per-element ones loaded, scalars splat."""
+            c_t = ir.VectorType(c_ll, width) if vector else c_ll
+            out = []
+            for (v, t), s in zip(pars, splats):
+                if t is None:
+                    out.append(s if vector else v)
+                    continue
+                ll = context.get_value_type(t.dtype)
+                got = (load(v, idx, vector, ll) if mask is None else
+                       _masked(builder, "load", ir.VectorType(ll, width), builder.gep(v, [idx]),
+                               mask))
+                out.append(convert(got, c_t, True))
+            return out
+
+        def step(ptrs, outp, idx, vector, stream, mask=None, ps=None):
+            c_t = ir.VectorType(c_ll, width) if vector else c_ll
+
+            def get(ptr, ll):
+                if mask is None:
+                    return load(ptr, idx, vector, ll)
+                return _masked(builder, "load", ir.VectorType(ll, width),
+                               builder.gep(ptr, [idx]), mask)
+
+            xs = [convert(get(p, d_ll), c_t, True) for p in ptrs]
+            if ps is None:
+                ps = params(idx, vector, mask)
+            y = convert(body(builder, xs, ps), ir.VectorType(d_ll, width) if vector else d_ll,
+                        False)
+            p = builder.gep(outp, [idx])
+            if mask is not None:
+                _masked(builder, "store", y.type, p, mask, y)
+                return
+            if vector:
+                p = builder.bitcast(p, y.type.as_pointer())
+            st = builder.store(y, p, align=LINE if stream else (isz if vector else None))
+            if stream:
+                st.set_metadata("nontemporal",
+                                builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+
+        def scalar_loop(ptrs, outp, start, stop):
+            with cgutils.for_range(builder, builder.sub(stop, start)) as loop:
+                step(ptrs, outp, builder.add(start, loop.index), False, False)
+
+        zero = ir.Constant(intp, 0)
+        w = ir.Constant(intp, width)
+
         def emit(ptrs, outp):
-            def load(ptr, idx, vector, ll):
-                p = builder.gep(ptr, [idx])
-                if vector:
-                    p = builder.bitcast(p, ir.VectorType(ll, width).as_pointer())
-                return builder.load(p, align=isz if vector else None)
-
-            def convert(v, to, widen):
-                if v.type == to:
-                    return v
-                return builder.fpext(v, to) if widen else builder.fptrunc(v, to)
-
-            def step(idx, vector, stream, mask=None):
-                c_t = ir.VectorType(c_ll, width) if vector else c_ll
-
-                def get(ptr, ll):
-                    if mask is None:
-                        return load(ptr, idx, vector, ll)
-                    return _masked(builder, "load", ir.VectorType(ll, width),
-                                   builder.gep(ptr, [idx]), mask)
-
-                xs = [convert(get(p, d_ll), c_t, True) for p in ptrs]
-                ps = [(s if vector else v) if t is None else
-                      convert(get(v, context.get_value_type(t.dtype)), c_t, True)
-                      for (v, t), s in zip(pars, splats)]
-                y = convert(body(builder, xs, ps), ir.VectorType(d_ll, width) if vector else d_ll,
-                            False)
-                p = builder.gep(outp, [idx])
-                if mask is not None:
-                    _masked(builder, "store", y.type, p, mask, y)
-                    return
-                if vector:
-                    p = builder.bitcast(p, y.type.as_pointer())
-                st = builder.store(y, p, align=LINE if stream else (isz if vector else None))
-                if stream:
-                    st.set_metadata("nontemporal",
-                                    builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
-
-            def scalar_loop(start, stop):
-                with cgutils.for_range(builder, builder.sub(stop, start)) as loop:
-                    step(builder.add(start, loop.index), False, False)
-
-            zero = ir.Constant(intp, 0)
-            w = ir.Constant(intp, width)
             head = zero
             if nt:
                 # Scalar head up to the first line-aligned output element; an output not even
@@ -222,35 +246,63 @@ def _run_intrinsic(body, nt, rows=False):
                                     ir.Constant(intp, isz))
                 head = builder.select(builder.icmp_unsigned("==", mis, zero), skip, count)
                 head = builder.select(builder.icmp_signed("<", count, head), count, head)
-                scalar_loop(zero, head)
+                scalar_loop(ptrs, outp, zero, head)
             nvec = builder.sdiv(builder.sub(count, head), w)
             done = builder.add(head, builder.mul(nvec, w))
             rest = builder.sub(count, done)
             with cgutils.for_range(builder, nvec) as loop:
-                step(builder.add(head, builder.mul(loop.index, w)), True, nt)
+                step(ptrs, outp, builder.add(head, builder.mul(loop.index, w)), True, nt)
             if nt or rows:
                 # Streaming runs are long (the tail is noise) and it must not stream; in the
                 # rows of a channels-last tile, masked tails (a masked store per row) measured
                 # slower: inference (1024, 200) float32 0.85x, (128, 1000) 0.88x.
-                scalar_loop(done, count)
+                scalar_loop(ptrs, outp, done, count)
             else:
                 # A tail of TAIL_MASK_FROM values or more as one masked vector step; its
                 # loads and stores touch its own elements only, in the same order as the
                 # scalar steps (an output that is the input itself, ``out=x``, stays correct).
                 with _tail_kinds(builder, rest) as (masked, scalar):
                     with masked:
-                        step(done, True, False, _lane_mask(builder, rest, width))
+                        step(ptrs, outp, done, True, False, _lane_mask(builder, rest, width))
                     with scalar:
-                        scalar_loop(done, count)
+                        scalar_loop(ptrs, outp, done, count)
 
-        if not rows:
-            emit(base_ptrs, base_out)
-        else:
+        def each_row(body_of_row):
             strides = cgutils.unpack_tuple(builder, args[5])
             with cgutils.for_range(builder, args[4]) as row:
                 offs = [builder.mul(row.index, st) for st in strides]
-                emit([builder.gep(p, [o]) for p, o in zip(base_ptrs, offs)],
-                     builder.gep(base_out, [offs[-1]]))
+                body_of_row([builder.gep(p, [o]) for p, o in zip(base_ptrs, offs)],
+                            builder.gep(base_out, [offs[-1]]))
+
+        if not rows:
+            emit(base_ptrs, base_out)
+            return context.get_dummy_value()
+        if nt or all(t is None for _, t in pars):
+            each_row(emit)
+            return context.get_dummy_value()
+        # One case per row length in whole lines, each with its parameter vectors loaded
+        # before the rows and its steps written out, so that they stay in registers.
+        nvec = builder.sdiv(count, w)
+        after = builder.append_basic_block("rows.after")
+        general = builder.append_basic_block("rows.general")
+        switch = builder.switch(nvec, general)
+        for k in range(1, HOIST_LINES + 1):
+            block = builder.append_basic_block(f"rows.lines{k}")
+            switch.add_case(ir.Constant(intp, k), block)
+            builder.position_at_end(block)
+            pre = [params(ir.Constant(intp, j * width), True) for j in range(k)]
+
+            def row_of_lines(ptrs, outp, k=k, pre=pre):
+                for j in range(k):
+                    step(ptrs, outp, ir.Constant(intp, j * width), True, False, ps=pre[j])
+                scalar_loop(ptrs, outp, ir.Constant(intp, k * width), count)
+
+            each_row(row_of_lines)
+            builder.branch(after)
+        builder.position_at_end(general)
+        each_row(emit)
+        builder.branch(after)
+        builder.position_at_end(after)
         return context.get_dummy_value()
 
     if rows:
