@@ -532,9 +532,9 @@ def test_narrow_channels_last_rows_route(monkeypatch, shape, tiled, dtype):
     assert seen[-1] == "backward_small", seen
 
 
-# channels-last rows of 1 to HOIST_LINES + 1 cache lines, whole or with a scalar tail: rows of
-# up to HOIST_LINES lines keep the per-element parameters in registers (simd._run_intrinsic), a
-# separate code path per length
+# channels-last rows of 1 to HOIST_LINES + 1 cache lines, whole or with a scalar tail: in the
+# tiled passes rows of up to HOIST_LINES lines keep the per-element parameters in registers
+# (simd._run_intrinsic with hoist), a separate code path per length
 def _row_lengths(dtype):
     line = 64 // np.dtype(dtype).itemsize
     return [k * line + t for k in range(1, simd.HOIST_LINES + 2) for t in (0, 3)]

@@ -16,8 +16,9 @@ from .channels_first import _m2, _rows
 from .merge import (affine_params_chunked, backward_params, bwd_coefficients, bwd_fits32,
                     grads_out, infer_tiled_template, merged_moments, merged_sums, narrow_centre,
                     tile_columns, unshifted)
-from .simd import (affine_rows, affine_rows_nt, at, bwd_apply_rows, bwd_apply_rows_nt,
-                   column_bwd_sums, column_moments, fence, load, store)
+from .simd import (affine_rows, affine_rows_hoisted, affine_rows_nt, at, bwd_apply_rows,
+                   bwd_apply_rows_hoisted, bwd_apply_rows_nt, column_bwd_sums, column_moments,
+                   fence, load, store)
 
 
 @helper
@@ -197,7 +198,7 @@ def _affine_tiles(x, center, scale, shift, lo, y, R, W, nt):
             affine_rows_nt(src, dst, c1 - c0, par, r1 - r0, strides)
             fence()
         else:
-            affine_rows(src, dst, c1 - c0, par, r1 - r0, strides)
+            affine_rows_hoisted(src, dst, c1 - c0, par, r1 - r0, strides)
 
 
 @kernel(exact=True)
@@ -220,7 +221,7 @@ def _bwd_apply_tiles(x, dy, mu, a, q, r, dx, R, W, nt):
             bwd_apply_rows_nt(src, dst, c1 - c0, par, r1 - r0, strides)
             fence()
         else:
-            bwd_apply_rows(src, dst, c1 - c0, par, r1 - r0, strides)
+            bwd_apply_rows_hoisted(src, dst, c1 - c0, par, r1 - r0, strides)
 
 
 @kernel(exact=True)
