@@ -113,14 +113,14 @@ def _apart_start(raw, b, c):
     least ``_NEAR`` bytes, modulo a page, from the starts of the arrays ``b`` and ``c``: at 0
     where that already holds, else in the middle of the wider gap between them, on 16 bytes
     (``raw`` is that aligned).  Compiled: reading an address from Python costs 1 us."""
-    r = raw.ctypes.data
-    db = (r - b.ctypes.data) % PAGE
-    dc = (r - c.ctypes.data) % PAGE
+    r, pb, pc = raw.ctypes.data, b.ctypes.data, c.ctypes.data
+    db = (r - pb) % PAGE
+    dc = (r - pc) % PAGE
     if min(db, PAGE - db, dc, PAGE - dc) >= _NEAR:
         return 0
-    gap = (c.ctypes.data - b.ctypes.data) % PAGE
+    gap = (pc - pb) % PAGE
     mid = gap // 2 if gap >= PAGE // 2 else (gap + PAGE) // 2
-    return (b.ctypes.data + mid - r) % PAGE // 16 * 16
+    return (pb + mid - r) % PAGE // 16 * 16
 
 
 def empty_apart(shape, dtype, nbytes, ref, ref2):
