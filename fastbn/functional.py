@@ -463,6 +463,20 @@ _ONE_CALL_PASS_BYTES = 4 << 20
 # training only up to this size (see above)
 _ONE_CALL_MIN_RUN = 24
 _ONE_CALL_SHORT_TRAIN_BYTES = 512 << 10
+# Fewer than 16 channels: up to this many values (and half as many in a channel, which one core
+# works through alone) the one-call kernels still win, the launches and merges of the tiled
+# passes weighing more than the cores left idle.  Whole calls against the tiled passes, float32,
+# alternating in one process, at 2 threads and with the serial builds (one thread's code):
+# backward (8, 8, 8, 8, 8) 13.4 -> 8.8 us and 13.0 -> 11.1 us (PyTorch 9.6 us at 2 threads),
+# (32, 8, 8, 8, 8) 28.3 -> 22.7 and 34.5 -> 32.8 (PyTorch 22.0), (8, 1, 64, 64) 12.3 -> 8.3 and
+# 11.9 -> 7.7, (4, 2, 128, 128) 31.7 -> 22.3 and 32.4 -> 30.1, (8, 1, 128, 128) 31.5 -> 29.3 and
+# 32.2 -> 28.3; inference (8, 8, 8, 8, 8) 7.9 -> 6.2 and 6.7 -> 5.5, (32, 3, 32, 32) 10.1 -> 8.0;
+# training (8, 8, 8, 8, 8) 15.6 -> 7.2, (4, 2, 128, 128) 23.6 -> 13.5; statistics about 2x.
+# Beyond it a channel's one core loses: (16, 1, 128, 128) backward 44 against 56 us, (256, 3,
+# 32, 32) 104-124 against 147 us.  (Short channels of many values per tensor are another case:
+# (2, 2048, 3, 3) backward and training gain at 2 threads but lose at one, so they keep their
+# rules above.)
+_FEW_CHANNELS_VALUES = 1 << 17
 
 
 def _cf_one_call(p, x, cap=None, short=False):
@@ -472,8 +486,11 @@ def _cf_one_call(p, x, cap=None, short=False):
     limit = _config.LLC_BYTES // _ONE_CALL_LLC_SHARE
     if cap is not None:
         limit = min(limit, cap)
-    return (not p.channels_last and p.C >= _CHANNEL_MIN and x.nbytes <= limit
-            and (short or x.size >= _ONE_CALL_MIN_VALUES * p.C))
+    if p.channels_last or x.nbytes > limit:
+        return False
+    if p.C < _CHANNEL_MIN:
+        return x.size <= _FEW_CHANNELS_VALUES and x.size // p.C <= _FEW_CHANNELS_VALUES // 2
+    return short or x.size >= _ONE_CALL_MIN_VALUES * p.C
 
 
 def _long_runs(p):

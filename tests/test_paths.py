@@ -1,8 +1,8 @@
 """Both decompositions of mid-size channels-first tensors against the float64 reference.
 
-Channels-first tensors of up to an eighth of the last-level cache, with at least 16 channels,
-run every operation as one kernel call, channel by channel (``functional._cf_one_call``);
-larger ones take the tiled passes (partial sums, an ordered merge, an elementwise pass).  The
+Channels-first tensors of up to an eighth of the last-level cache, with at least 16 channels
+(or fewer channels in a small tensor), run every operation as one kernel call, channel by
+channel (``functional._cf_one_call``); larger ones take the tiled passes (partial sums, an ordered merge, an elementwise pass).  The
 inputs here are small enough for the first, so each test also runs them with the cache size
 lowered until they take the second.  Spies on the kernels assert which path ran, so that a
 test cannot pass by exercising one path twice.
@@ -23,10 +23,11 @@ from fastbn._kernels import simd
 # runs of 1 KB in float32 (the short statistics, float32 lanes from 128 values, the per-run
 # backward sums), an NCL tensor,
 # every other sample of a batch (rows further apart than a sample), a channel axis that is
-# not the second, and samples a whole number of pages long (new outputs placed apart from the
-# inputs, _pool.empty_apart)
+# not the second, samples a whole number of pages long (new outputs placed apart from the
+# inputs, _pool.empty_apart), and fewer than 16 channels in tensors small enough for one call
 SHAPES = [((16, 48, 7, 7), 1), ((4, 24, 40, 40), 1), ((12, 40, 16, 16), 1), ((6, 32, 300), 1),
-          ((6, 64, 20, 20), "odd"), ((20, 20, 64, 3), 2), ((16, 64, 8, 8), 1)]
+          ((6, 64, 20, 20), "odd"), ((20, 20, 64, 3), 2), ((16, 64, 8, 8), 1),
+          ((8, 8, 8, 8, 8), 1), ((4, 3, 100, 100), 1)]
 DTYPES = [np.float32, np.float64]
 ONE_CALL = ("train_small", "infer_small", "stats_small", "backward_small")
 TILED = ("moments", "moments_short", "moments32", "affine", "infer_tiled", "bwd_sums",
@@ -171,6 +172,28 @@ def test_short_channels_route(monkeypatch, dtype, shape, train, backward):
     assert_close(dw, rdw, dtype, name="dweight")
     assert_close(db, rdb, dtype, name="dbias")
     assert seen == backward, seen
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 128, 128), (4, 8, 64, 80)])
+def test_few_channels_past_the_bound_tiled(monkeypatch, shape):
+    """Fewer than 16 channels take the one-call kernels only up to 2**17 values and 2**16 in a
+    channel (``functional._FEW_CHANNELS_VALUES``): one channel of 2**17 values, or 8 of 20480
+    values, take the tiled passes, and match the reference."""
+    monkeypatch.setattr(_config, "LLC_BYTES", 32 << 20)
+    seen = _spy(monkeypatch, ONE_CALL + TILED)
+    x, axis = _input(shape, 1, np.float32)
+    dy = like(x, "paths dy")
+    mean, var = fastbn.channel_stats(x)
+    invstd = (1.0 / np.sqrt(var.astype(np.float64) + 1e-5)).astype(np.float32)
+    dx, dw, db = fastbn.batch_norm_backward(dy, x, mean, invstd)
+    assert seen and not set(seen) & set(ONE_CALL), seen
+    rmean, rvar = ref.channel_stats(x)
+    assert_close(mean, rmean, np.float32, name="mean")
+    assert_close(var, rvar, np.float32, name="var")
+    rdx, rdw, rdb = ref.batch_norm_backward(dy, x, mean, invstd)
+    assert_close(dx, rdx, np.float32, name="dx")
+    assert_close(dw, rdw, np.float32, name="dweight")
+    assert_close(db, rdb, np.float32, name="dbias")
 
 
 @pytest.mark.parametrize("dtype, run, expected", [
