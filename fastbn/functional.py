@@ -585,6 +585,57 @@ def _long_channels(p, x):
             and N * S * x.itemsize <= _config.LLC_BYTES // 16)
 
 
+# Channels-first runs this short (a 4 x 4 map: 16 values) make poor work for either channels-first
+# route: one vector or less per run, a channel's runs a sample apart.  From _RUNS_AS_ROWS_MIN
+# samples, each sample is taken as one row of C * S values, channel c the S columns from c * S,
+# and the channels-last tiled kernels run on those rows (their column sums added up per
+# channel, the parameters spread back over the columns: channels_last.backward_tiled with G =
+# S): unit-stride vectors over whole rows.  Whole calls against the channels-first routes,
+# alternating in one process, float32, 1 and 2 threads: (64, 512, 4, 4) 270 -> 184 and 154 ->
+# 116 us (PyTorch 227 and 107), (256, 64, 4, 4) 169 -> 72 and 101 -> 62, (512, 128, 4, 4) 601
+# -> 322 and 524 -> 185, (64, 256, 3, 3) 91 -> 56 and 55 -> 45, (32, 1024, 2, 2) 264 -> 67 and
+# 126 -> 54; (32, 256, 4, 4) 80 -> 60 and even at 2.  Fewer samples or values lost to the
+# one-call kernels ((16, 512, 4, 4) 0.94x, (32, 128, 4, 4) 0.64x at 2 threads: the tiled
+# passes' launches and merge), as did longer runs ((32, 256, 5, 5) 0.64x, (64, 128, 32) 0.74x).
+# Evaluation mode keeps the channels-first routes.
+_RUNS_AS_ROWS_MAX = 16
+_RUNS_AS_ROWS_MIN = 32
+_RUNS_AS_ROWS_FROM = 1 << 17
+
+
+def _runs_as_rows(p, arrays):
+    """For a channels-first view of short runs (see above): the kernel views ``arrays`` as
+    rows of ``C * S`` values, or None."""
+    if p.channels_last:
+        return None
+    N, C, S = p.shape3
+    if not (1 < S <= _RUNS_AS_ROWS_MAX and N >= _RUNS_AS_ROWS_MIN
+            and N * C * S >= _RUNS_AS_ROWS_FROM):
+        return None
+    rows = tuple(_layout._reshape_nocopy(a, (N, C * S)) for a in arrays)
+    if any(v is None or v.strides[1] != v.itemsize for v in rows):
+        return None
+    return rows
+
+
+def _backward_runs_as_rows(p, rows3, mean, invstd, w, fresh, finish, dx):
+    """Training-mode backward of a channels-first view of short runs taken as rows
+    (:func:`_runs_as_rows`): ``(dx, dweight, dbias)``."""
+    x2, dy2, dx2 = rows3
+    S = p.shape3[2]
+    p2 = _layout.plan(x2, 1)
+    narrow = _narrow(x2)
+    grads = np.empty((2, p.C), x2.dtype)
+    (xw, dyw, dxw), P, tiles, nt = _cl_tiled_args(p2, x2, rows3, fresh)
+    (a, rows), (a32, _) = _param_rows(p2, 4, narrow, P)
+    if not _cl.backward_tiled(x2.size, x2, dy2, xw, dyw, mean, invstd, w, *tiles, narrow, a, a32,
+                              dxw, grads, nt, S):
+        _elementwise(p2, "bwd_apply", (x2, dy2), rows, (), dx2, fresh)
+    if finish is not None:
+        finish()
+    return dx, grads[0], grads[1]
+
+
 def _fuse_backward(p, x, training):
     """:func:`_fuse` for the backward pass (see ``_ONE_CALL_PASS_BYTES`` and
     ``_CHANNEL_RUN_BYTES``); the tiled passes run in one call in training mode only."""
@@ -1261,6 +1312,9 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
     dx, dx3, finish, fresh = _output(p, x, out, inputs, apart=dy)
     x3 = p.as_input(x)
     dy3 = p.as_input(dy)
+    rows3 = _runs_as_rows(p, (x3, dy3, dx3)) if training else None
+    if rows3 is not None:
+        return _backward_runs_as_rows(p, rows3, mean, invstd, w, fresh, finish, dx)
     if _fuse_backward(p, x3, training):
         grads = np.empty((2, C), x.dtype)
         size = _items_size(p, x3)
@@ -1279,7 +1333,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
             (xw, dyw, dxw), P, tiles, nt = _cl_tiled_args(p, x3, (x3, dy3, dx3), fresh)
             (a, rows), (a32, _) = _param_rows(p, 4, narrow, P)
             done = _cl.backward_tiled(x3.size, x3, dy3, xw, dyw, mean, invstd, w, *tiles, narrow,
-                                      a, a32, dxw, grads, nt)
+                                      a, a32, dxw, grads, nt, 1)
         else:
             (a, rows), (a32, _) = _param_rows(p, 4, narrow)
             tiles, nt = _apply_tiles(p, x3, dx3, fresh)

@@ -291,27 +291,63 @@ infer_tiled = kernel(specialise(infer_tiled_template, "channels_last_infer_tiled
                                  _affine_tiles=_affine_tiles), exact=True)
 
 
+@helper(exact=True)
+def _fold_columns(sums, G):
+    """Per-channel sums from per-column ``sums``, ``G`` consecutive columns a channel, added
+    in column order."""
+    C = sums.shape[1] // G
+    out = np.zeros((sums.shape[0], C))
+    for i in range(sums.shape[0]):
+        for c in range(C):
+            for g in range(G):
+                out[i, c] += sums[i, c * G + g]
+    return out
+
+
+@helper(exact=True)
+def _spread_columns(a, C, G):
+    """Repeat each of the first ``C`` columns of every row of ``a`` through its ``G`` columns
+    (channel ``c`` at ``c * G .. c * G + G - 1``), in place: from the last channel down, so no
+    column is overwritten before it is read."""
+    for i in range(a.shape[0]):
+        for c in range(C - 1, -1, -1):
+            v = a[i, c]
+            for g in range(G):
+                a[i, c * G + g] = v
+
+
 @kernel(exact=True)
 def backward_tiled(x, dy, xw, dyw, mu, invstd, weight, R, W, Re, We, narrow, a, a32, dxw, grads,
-                   nt):
+                   nt, G):
     """Backward in training mode: :func:`bwd_sums` in tiles of ``R`` rows by ``W`` channels,
     their merge, ``merge.backward_params`` into the scratch ``a`` and ``a32`` (as
     :func:`train_tiled`), ``grads`` (``dweight``, ``dbias``), then ``dx`` from ``xw`` and
     ``dyw`` into ``dxw`` (viewed as :func:`train_tiled` views them) in tiles of ``Re`` rows by
     ``We`` columns.  ``mu``, ``invstd`` and ``weight`` (or None) come as the caller passed them.
+    ``G``: columns per channel, 1 but for a channels-first view of short runs taken as rows of
+    ``C * G`` values (``functional._runs_as_rows``), whose column sums are added up per channel
+    and whose parameters are spread back over the columns.
     Returns False, with nothing written to ``dxw``, where float32 data needs float64 lanes: the
-    caller finishes with the parameters in ``a``."""
-    M, C = x.shape
+    caller finishes with the parameters in ``a`` (spread over the columns)."""
+    M, CG = x.shape
+    C = CG // G
     m = mu.astype(np.float64)
     istd = invstd.astype(np.float64)
-    parts = np.empty((2, (M + R - 1) // R, C))
-    _bwd_sums_tiles(x, dy, m, R, W, parts[0], parts[1])
-    sums = np.empty((2, C))
+    mc = m if G == 1 else np.repeat(m, G)
+    parts = np.empty((2, (M + R - 1) // R, CG))
+    _bwd_sums_tiles(x, dy, mc, R, W, parts[0], parts[1])
+    sums = np.empty((2, CG))
     merged_sums(parts, sums)
+    if G > 1:
+        sums = _fold_columns(sums, G)
     grads_out(sums, istd, grads)
-    if backward_params(sums, m, istd, weight, float(M), True, narrow, a, a32) != narrow:
+    if backward_params(sums, m, istd, weight, float(M * G), True, narrow, a, a32) != narrow:
+        if G > 1:
+            _spread_columns(a, C, G)
         return False
-    V = tile_columns(a32, C, xw.shape[1])
+    if G > 1:
+        _spread_columns(a32, C, G)
+    V = tile_columns(a32, CG, xw.shape[1])
     _bwd_apply_tiles(xw, dyw, a32[0, :V], a32[1, :V], a32[2, :V], a32[3, :V], dxw, Re, We, nt)
     return True
 
