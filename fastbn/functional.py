@@ -586,27 +586,30 @@ def _long_channels(p, x):
 
 
 # Channels-first runs this short (a 4 x 4 map: 16 values) make poor work for either channels-first
-# route: one vector or less per run, a channel's runs a sample apart.  From _RUNS_AS_ROWS_MIN
-# samples, each sample is taken as one row of C * S values, channel c the S columns from c * S,
-# and the channels-last tiled kernels run on those rows (their column sums added up per
-# channel, the parameters spread back over the columns: channels_last.backward_tiled with G =
-# S): unit-stride vectors over whole rows.  Whole calls against the channels-first routes,
-# alternating in one process, float32, 1 and 2 threads: (64, 512, 4, 4) 270 -> 184 and 154 ->
-# 116 us (PyTorch 227 and 107), (256, 64, 4, 4) 169 -> 72 and 101 -> 62, (512, 128, 4, 4) 601
-# -> 322 and 524 -> 185, (64, 256, 3, 3) 91 -> 56 and 55 -> 45, (32, 1024, 2, 2) 264 -> 67 and
-# 126 -> 54; (32, 256, 4, 4) 80 -> 60 and even at 2.  Fewer samples or values lost to the
-# one-call kernels ((16, 512, 4, 4) 0.94x, (32, 128, 4, 4) 0.64x at 2 threads: the tiled
-# passes' launches and merge), as did longer runs ((32, 256, 5, 5) 0.64x, (64, 128, 32) 0.74x).
-# Evaluation mode keeps the channels-first routes.
+# route: one vector or less per run, a channel's runs a sample apart.  In float32 tensors from
+# _RUNS_AS_ROWS_FROM values and _RUNS_AS_ROWS_MIN samples, training-mode backward takes each
+# sample as one row of C * S values, channel c the S columns from c * S, and runs the
+# channels-last kernels on those rows (blocks of whole channels below 256 rows, else the tiled
+# passes; their column sums added up per channel, the parameters spread back over the columns:
+# channels_last.backward_small and backward_tiled with G = S): unit-stride vectors over whole
+# rows.  Whole calls against the channels-first routes, alternating in one process, float32, 2
+# and 1 threads: (64, 512, 4, 4) 124 -> 104 and 266 -> 178 us (PyTorch 120 and 197),
+# (128, 128, 4, 4) 81 -> 49 and 144 -> 77 (PyTorch 53 and 91), (256, 64, 4, 4) 95 -> 54 and
+# 174 -> 76, (512, 128, 4, 4) 517 -> 213 and 1004 -> 354 (PyTorch 418 and 784),
+# (32, 1024, 2, 2) 102 -> 44 and 185 -> 82, (64, 256, 3, 3) 54 -> 51 and 91 -> 80.  Fewer
+# samples or values lost ((32, 256, 4, 4) 0.81x and 0.86x, (32, 128, 4, 4) 0.80x, (16, 512,
+# 4, 4) 0.67x at 2 threads: too little work per block or tile), as did float64 at 2 threads
+# ((128, 128, 4, 4) 0.85x, (256, 64, 4, 4) 0.93x, though 1.4x at one) and runs of 25 values or
+# more ((32, 256, 5, 5) 0.64x).  Evaluation mode keeps the channels-first routes.
 _RUNS_AS_ROWS_MAX = 16
-_RUNS_AS_ROWS_MIN = 32
+_RUNS_AS_ROWS_MIN = 64
 _RUNS_AS_ROWS_FROM = 1 << 17
 
 
 def _runs_as_rows(p, arrays):
-    """For a channels-first view of short runs (see above): the kernel views ``arrays`` as
-    rows of ``C * S`` values, or None."""
-    if p.channels_last:
+    """For a float32 channels-first view of short runs (see above): the kernel views
+    ``arrays`` as rows of ``C * S`` values, or None."""
+    if p.channels_last or arrays[0].dtype != _F32:
         return None
     N, C, S = p.shape3
     if not (1 < S <= _RUNS_AS_ROWS_MAX and N >= _RUNS_AS_ROWS_MIN
@@ -626,11 +629,15 @@ def _backward_runs_as_rows(p, rows3, mean, invstd, w, fresh, finish, dx):
     p2 = _layout.plan(x2, 1)
     narrow = _narrow(x2)
     grads = np.empty((2, p.C), x2.dtype)
-    (xw, dyw, dxw), P, tiles, nt = _cl_tiled_args(p2, x2, rows3, fresh)
-    (a, rows), (a32, _) = _param_rows(p2, 4, narrow, P)
-    if not _cl.backward_tiled(x2.size, x2, dy2, xw, dyw, mean, invstd, w, *tiles, narrow, a, a32,
-                              dxw, grads, nt, S):
-        _elementwise(p2, "bwd_apply", (x2, dy2), rows, (), dx2, fresh)
+    if _fuse(p2, x2, tiled="bwd_sums"):
+        _cl.backward_small_grouped(_items_size(p2, x2), x2, dy2, mean, invstd, w, True, narrow, dx2,
+                                   grads, S)
+    else:
+        (xw, dyw, dxw), P, tiles, nt = _cl_tiled_args(p2, x2, rows3, fresh)
+        (a, rows), (a32, _) = _param_rows(p2, 4, narrow, P)
+        if not _cl.backward_tiled(x2.size, x2, dy2, xw, dyw, mean, invstd, w, *tiles, narrow, a,
+                                  a32, dxw, grads, nt, S):
+            _elementwise(p2, "bwd_apply", (x2, dy2), rows, (), dx2, fresh)
     if finish is not None:
         finish()
     return dx, grads[0], grads[1]
@@ -1319,7 +1326,8 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
         grads = np.empty((2, C), x.dtype)
         size = _items_size(p, x3)
         if p.channels_last:
-            _cl.backward_small(size, x3, dy3, mean, invstd, w, training, _narrow(x3), dx3, grads)
+            _cl.backward_small(size, x3, dy3, mean, invstd, w, training, _narrow(x3), dx3, grads,
+                               1)
         else:  # channels that fit in cache: dx may be large enough to stream
             _cf.backward_small(size, x3, dy3, mean, invstd, w, training, _narrow(x3), dx3, grads,
                                _cf_nt(dx3, fresh))

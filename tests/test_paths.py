@@ -590,24 +590,27 @@ def test_channels_last_rows_of_every_length(monkeypatch, route, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(32, 256, 4, 4), (40, 700, 5), (64, 300, 2, 2, 2)])
+@pytest.mark.parametrize("shape, kernel", [((64, 128, 4, 4), "backward_small_grouped"),
+                                           ((64, 410, 5), "backward_small_grouped"),
+                                           ((64, 300, 2, 2, 2), "backward_small_grouped"),
+                                           ((256, 40, 13), "backward_tiled")])
 @pytest.mark.parametrize("case", ["plain", "huge weight", "strided out"])
-def test_short_runs_backward_as_rows(monkeypatch, shape, dtype, case):
-    """Channels-first runs of at most 16 values, 32 samples or more, 2**17 values or more
-    (``functional._runs_as_rows``): training-mode backward takes each sample as a row of
-    ``C * S`` values through ``channels_last.backward_tiled`` with ``G = S``, its column sums
-    added up per channel, its parameters spread back over the columns (a weight of 1e32 leaves
-    the elementwise pass, in float64 lanes for float32 data, to Python with them).  An ``out``
-    whose samples are not one row of memory takes the channels-first route.  All match the
+def test_short_runs_backward_as_rows(monkeypatch, shape, kernel, dtype, case):
+    """Float32 channels-first runs of at most 16 values, 64 samples or more, 2**17 values or
+    more (``functional._runs_as_rows``): training-mode backward takes each sample as a row of
+    ``C * S`` values through a channels-last kernel with ``G = S`` (blocks of whole channels
+    below 256 rows, else the tiled passes), its column sums added up per channel, its
+    parameters spread back over the columns (a weight of 1e32 takes float64 lanes, and in the
+    tiled passes leaves the elementwise pass to Python with them).  An ``out`` whose samples
+    are not one row of memory takes the channels-first route, as float64 does.  All match the
     reference."""
     seen = []
-    kernel = F._cl.backward_tiled
+    for name in ("backward_small", "backward_small_grouped", "backward_tiled"):
+        def spy(size, *args, _kernel=getattr(F._cl, name), _name=name):
+            seen.append((_name, args[-1]))
+            return _kernel(size, *args)
 
-    def spy(size, *args):
-        seen.append(args[-1])
-        return kernel(size, *args)
-
-    monkeypatch.setattr(F._cl, "backward_tiled", spy)
+        monkeypatch.setattr(F._cl, name, spy)
     x, axis = _input(shape, 1, dtype)
     C, S = shape[1], int(np.prod(shape[2:]))
     w, _, _, _ = params(C, dtype, "paths")
@@ -621,10 +624,12 @@ def test_short_runs_backward_as_rows(monkeypatch, shape, dtype, case):
     if case == "strided out":
         out = np.zeros(shape[:1] + (2 * C,) + shape[2:], dtype)[:, ::2]
     dx, dw, db = fastbn.batch_norm_backward(dy, x, mean, invstd, w, out=out)
-    assert seen == ([] if case == "strided out" else [S]), seen
+    as_rows = case != "strided out" and dtype == np.float32
+    assert seen == ([(kernel, S)] if as_rows else []), seen
     if out is not None:
         assert dx is out
     rdx, rdw, rdb = ref.batch_norm_backward(dy, x, mean, invstd, w)
-    assert_close(dx, rdx, dtype, slack=input_precision_slack(x, invstd.astype(np.float64), w), name="dx")
+    slack = input_precision_slack(x, invstd.astype(np.float64), w)
+    assert_close(dx, rdx, dtype, slack=slack, name="dx")
     assert_close(dw, rdw, dtype, name="dweight")
     assert_close(db, rdb, dtype, name="dbias")
