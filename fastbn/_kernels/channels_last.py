@@ -476,6 +476,10 @@ def train_small(x, weight, bias, eps, narrow, y, mean, var, scale, shift):
 _BWD_ROWS32 = 64
 
 
+# placeholder of the template below, which each copy replaces (_config.specialise)
+_GROUPED = None
+
+
 def _backward_small_template(x, dy, mu, invstd, weight, training, narrow, dx, grads, G):
     """Backward in one call for small tensors (as the channels-first ``backward_small``): per
     block of channels, the sums, ``grads`` (``dweight``, ``dbias``), then ``dx``, in float32
