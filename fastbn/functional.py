@@ -591,9 +591,9 @@ def _long_channels(p, x):
 # sample as one row of C * S values, channel c the S columns from c * S, and runs the
 # channels-last kernels on those rows (blocks of whole channels below 256 rows, else the tiled
 # passes; their column sums added up per channel, the parameters spread back over the columns:
-# channels_last.backward_small and backward_tiled with G = S): unit-stride vectors over whole
-# rows.  Whole calls against the channels-first routes, alternating in one process, float32, 2
-# and 1 threads: (64, 512, 4, 4) 124 -> 104 and 266 -> 178 us (PyTorch 120 and 197),
+# channels_last.backward_small_grouped and backward_tiled with G = S): unit-stride vectors over
+# whole rows.  Whole calls against the channels-first routes, alternating in one process,
+# float32, 2 and 1 threads: (64, 512, 4, 4) 124 -> 104 and 266 -> 178 us (PyTorch 120 and 197),
 # (128, 128, 4, 4) 81 -> 49 and 144 -> 77 (PyTorch 53 and 91), (256, 64, 4, 4) 95 -> 54 and
 # 174 -> 76, (512, 128, 4, 4) 517 -> 213 and 1004 -> 354 (PyTorch 418 and 784),
 # (32, 1024, 2, 2) 102 -> 44 and 185 -> 82, (64, 256, 3, 3) 54 -> 51 and 91 -> 80.  Fewer
