@@ -627,20 +627,37 @@ def _backward_runs_as_rows(p, rows3, mean, invstd, w, fresh, finish, dx):
     x2, dy2, dx2 = rows3
     S = p.shape3[2]
     p2 = _layout.plan(x2, 1)
-    narrow = _narrow(x2)
     grads = np.empty((2, p.C), x2.dtype)
     if _fuse(p2, x2, tiled="bwd_sums"):
-        _cl.backward_small_grouped(_items_size(p2, x2), x2, dy2, mean, invstd, w, True, narrow, dx2,
-                                   grads, S)
+        _cl.backward_small_grouped(_items_size(p2, x2), x2, dy2, mean, invstd, w, True,
+                                   _narrow(x2), dx2, grads, S)
     else:
-        (xw, dyw, dxw), P, tiles, nt = _cl_tiled_args(p2, x2, rows3, fresh)
-        (a, rows), (a32, _) = _param_rows(p2, 4, narrow, P)
-        if not _cl.backward_tiled(x2.size, x2, dy2, xw, dyw, mean, invstd, w, *tiles, narrow, a,
-                                  a32, dxw, grads, nt, S):
-            _elementwise(p2, "bwd_apply", (x2, dy2), rows, (), dx2, fresh)
+        _backward_tiled(p2, rows3, mean, invstd, w, grads, fresh, S)
     if finish is not None:
         finish()
     return dx, grads[0], grads[1]
+
+
+def _backward_tiled(p, arrays, mean, invstd, w, grads, fresh, G=1):
+    """Training-mode backward past the one-call sizes as one call of the family's
+    ``backward_tiled`` over the kernel views ``arrays`` (``x``, ``dy``, ``dx``), ``grads``
+    filled; ``G``: channels-last columns per channel (see ``channels_last.backward_tiled``).
+    Where float32 data needs float64 lanes, the elementwise pass runs from Python with the
+    parameters the kernel left in its scratch."""
+    x3, dy3, dx3 = arrays
+    narrow = _narrow(x3)
+    if p.channels_last:
+        (xw, dyw, dxw), P, tiles, nt = _cl_tiled_args(p, x3, arrays, fresh)
+        (a, rows), (a32, _) = _param_rows(p, 4, narrow, P)
+        done = _cl.backward_tiled(x3.size, x3, dy3, xw, dyw, mean, invstd, w, *tiles, narrow, a,
+                                  a32, dxw, grads, nt, G)
+    else:
+        (a, rows), (a32, _) = _param_rows(p, 4, narrow)
+        tiles, nt = _apply_tiles(p, x3, dx3, fresh)
+        done = _cf.backward_tiled(x3.size, x3, dy3, mean, invstd, w, *_cf_bwd_tiles(x3), *tiles,
+                                  narrow, a, a32, dx3, grads, nt)
+    if not done:  # float64 lanes needed: the parameters are in a
+        _elementwise(p, "bwd_apply", (x3, dy3), rows, (), dx3, fresh)
 
 
 def _fuse_backward(p, x, training):
@@ -1336,19 +1353,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
         return dx, grads[0], grads[1]
     if training and _tiled_one_call(p, x3, "bwd_sums"):
         grads = np.empty((2, C), x.dtype)
-        narrow = _narrow(x3)
-        if p.channels_last:
-            (xw, dyw, dxw), P, tiles, nt = _cl_tiled_args(p, x3, (x3, dy3, dx3), fresh)
-            (a, rows), (a32, _) = _param_rows(p, 4, narrow, P)
-            done = _cl.backward_tiled(x3.size, x3, dy3, xw, dyw, mean, invstd, w, *tiles, narrow,
-                                      a, a32, dxw, grads, nt, 1)
-        else:
-            (a, rows), (a32, _) = _param_rows(p, 4, narrow)
-            tiles, nt = _apply_tiles(p, x3, dx3, fresh)
-            done = _cf.backward_tiled(x3.size, x3, dy3, mean, invstd, w, *_cf_bwd_tiles(x3),
-                                      *tiles, narrow, a, a32, dx3, grads, nt)
-        if not done:  # float64 lanes needed: the parameters are in a
-            _elementwise(p, "bwd_apply", (x3, dy3), rows, (), dx3, fresh)
+        _backward_tiled(p, (x3, dy3, dx3), mean, invstd, w, grads, fresh)
         if finish is not None:
             finish()
         return dx, grads[0], grads[1]
