@@ -4,11 +4,13 @@
 # With NUMBA_DISABLE_JIT=1 every @njit / prange kernel runs as plain Python, so coverage.py can
 # see its lines (compiled kernels are invisible to it).  Pure-Python kernels are ~1000x slower,
 # so this runs a selection of small-input tests only: the functional tests on the input
-# generator's small cases, bad input, layers, odd-but-valid inputs at serial sizes, and the
-# NaN / constant-channel numerics.  Left out, because they test float32 rounding behaviour of
+# generator's small cases, bad input, layers, odd-but-valid inputs at serial sizes, the
+# NaN / constant-channel numerics, and both decompositions of each operation (test_paths: most
+# inputs there take the one-call kernels unless a test forces the tiled passes).  Left out, because they test float32 rounding behaviour of
 # the *compiled* code (plain Python computes some float32 expressions differently) or need
-# parallel regions: float32 cancellation, near-float-max, huge dy, far-from-unit-scale, medium
-# (parallel-size) cases, threads/processes, benchmarks, demo.
+# parallel regions: float32 cancellation, near-float-max, huge dy, far-from-unit-scale, bitwise
+# float32 lanes of chunked parameters, medium (parallel-size) cases, threads/processes,
+# benchmarks, demo.
 #
 # Usage: scripts/coverage.sh [extra pytest args]   (appended; a -k there replaces the selection)
 #   COVERAGE_HTML=dir  also write an HTML report there
@@ -40,9 +42,9 @@ NUMBA_DISABLE_JIT=0 NUMBA_CACHE_DIR="$tmp/numba-cache" "$PY" -m coverage run -p 
   tests/test_streaming.py >"$tmp/simd.log" 2>&1 || { cat "$tmp/simd.log"; exit 1; }
 "$PY" -m coverage run -p --branch --source=fastbn --omit="$omit" -m pytest -q -p no:cacheprovider \
   tests/test_functional.py tests/test_errors.py tests/test_layers.py tests/test_odd_inputs.py \
-  tests/test_numerics.py tests/test_streaming.py \
+  tests/test_numerics.py tests/test_streaming.py tests/test_paths.py \
   -k "not torch and not medium and not parallel and not cancellation_float32 \
-      and not near_float32_max \
+      and not near_float32_max and not chunked_parameters \
       and not far_from_unit_scale and not variance_overflow and not huge_dy" \
   "$@"
 status=$?
