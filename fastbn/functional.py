@@ -601,19 +601,35 @@ def _long_channels(p, x):
 # 4, 4) 0.67x at 2 threads: too little work per block or tile), as did float64 at 2 threads
 # ((128, 128, 4, 4) 0.85x, (256, 64, 4, 4) 0.93x, though 1.4x at one) and runs of 25 values or
 # more ((32, 256, 5, 5) 0.64x).  Evaluation mode keeps the channels-first routes.
+# Training takes the rows too (channels_last.train_small_grouped and train_tiled, the columns'
+# moments merged per channel), from _RUNS_AS_ROWS_MIN_TRAIN samples, float64 as well up to
+# an eighth of the last-level cache (_RUNS_AS_ROWS_WIDE).  Whole calls against the
+# channels-first routes, alternating in one process, 2 and 1 threads: float32 (64, 512, 4, 4)
+# 164 -> 81 and 324 -> 141 us (PyTorch 337 and 670), (32, 1024, 2, 2) 133 -> 31 and 259 -> 49
+# (PyTorch 115 and 226: the channels-first route was behind), (512, 128, 4, 4) 285 -> 145 and
+# 755 -> 247, (64, 256, 3, 3) 40 -> 28 and 64 -> 43, (32, 256, 4, 4) 44 -> 32 and 80 -> 44;
+# float64 (128, 128, 4, 4) 118 -> 69 and 220 -> 91, (64, 256, 3, 3) 44 -> 39 and 73 -> 60.
+# Even or behind, so left out: 16 samples or fewer ((16, 512, 4, 4) 1.02x and 0.98x, (8,
+# 256, 4, 4) 0.95x), fewer values ((64, 64, 3, 3) 0.94x), float64 past the bound ((256, 256,
+# 4, 4) 0.93x and 0.72x).
 _RUNS_AS_ROWS_MAX = 16
 _RUNS_AS_ROWS_MIN = 64
+_RUNS_AS_ROWS_MIN_TRAIN = 32
 _RUNS_AS_ROWS_FROM = 1 << 17
+_RUNS_AS_ROWS_WIDE = 8  # float64 up to an eighth of the last-level cache
 
 
-def _runs_as_rows(p, arrays):
-    """For a float32 channels-first view of short runs (see above): the kernel views
-    ``arrays`` as rows of ``C * S`` values, or None."""
-    if p.channels_last or arrays[0].dtype != _F32:
+def _runs_as_rows(p, arrays, train=False):
+    """For a channels-first view of short runs (see above), in backward (float32) or, when
+    ``train``, forward training: the kernel views ``arrays`` as rows of ``C * S`` values, or
+    None."""
+    x = arrays[0]
+    if p.channels_last or not (x.dtype == _F32 or train
+                               and x.nbytes <= _config.LLC_BYTES // _RUNS_AS_ROWS_WIDE):
         return None
     N, C, S = p.shape3
-    if not (1 < S <= _RUNS_AS_ROWS_MAX and N >= _RUNS_AS_ROWS_MIN
-            and N * C * S >= _RUNS_AS_ROWS_FROM):
+    if not (1 < S <= _RUNS_AS_ROWS_MAX and N * C * S >= _RUNS_AS_ROWS_FROM
+            and N >= (_RUNS_AS_ROWS_MIN_TRAIN if train else _RUNS_AS_ROWS_MIN)):
         return None
     rows = tuple(_layout._reshape_nocopy(a, (N, C * S)) for a in arrays)
     if any(v is None or v.strides[1] != v.itemsize for v in rows):
@@ -1194,27 +1210,19 @@ def _train(x, axis, weight, bias, eps, out, guard=()):
     y, y3, finish, fresh = _output(p, x, out, ((x, "x"), (w, "weight"), (b, "bias")) + guard,
                                    apart=x)
     x3 = p.as_input(x)
-    if _fuse_train(p, x3) or _long_channels(p, x3):
+    rows3 = _runs_as_rows(p, (x3, y3), train=True)
+    if rows3 is not None:
+        mean, var = _train_runs_as_rows(p, x3, y3, rows3, w, b, eps, fresh)
+    elif _fuse_train(p, x3) or _long_channels(p, x3):
         mean = np.empty(C)
         var = np.empty(C)
         args = (x3, w, b, eps, _narrow(x3), y3, mean, var)
         if p.channels_last:
-            _cl.train_small(_items_size(p, x3), *args, *_line_rows(2, C)[1])
+            _cl.train_small(_items_size(p, x3), *args, mean, *_line_rows(2, C)[1], 1)
         else:  # channels that fit in cache: y may be large enough to stream
             _cf.train_small(_items_size(p, x3), *args, _cf_nt(y3, fresh))
     elif _tiled_one_call(p, x3, "moments"):
-        mean = np.empty(C)
-        var = np.empty(C)
-        (xw, yw), P, (R, W, Re, We), nt = _cl_tiled_args(p, x3, (x3, y3), fresh)
-        narrow = _narrow(x3)
-        (a, _), (a32, rows32) = _param_rows(p, 3, narrow, P)
-        status = _cl.train_tiled(x3.size, x3, xw, R, W, _tile_counts(x3.shape[0], R), Re, We, w,
-                                 b, eps, narrow, a, a32, _floor(rows32[0], _NEG_INF), yw, mean,
-                                 var, nt)
-        if status:  # nothing written yet: a mean NaN or infinite (1), float64 lanes needed (2)
-            if status == 1:
-                mean, var = _nonfinite_means(p, x3, mean, var)
-            _affine(p, x3, y3, mean, var, w, b, eps, _NEG_INF, x3.size // C, fresh=fresh)
+        mean, var = _train_tiled(p, x3, y3, w, b, eps, fresh, (p, x3, y3))
     else:
         mean, var = _moments(p, x3, "welford")
         _affine(p, x3, y3, mean, var, w, b, eps, _NEG_INF, x3.size // C,
@@ -1222,6 +1230,44 @@ def _train(x, axis, weight, bias, eps, out, guard=()):
     if finish is not None:
         finish()
     return y, mean, var
+
+
+def _train_tiled(p, x3, y3, w, b, eps, fresh, whole, G=1):
+    """Forward training of the kernel view as one call of ``channels_last.train_tiled``:
+    ``(mean, var)``, ``y3`` written; ``G``: columns per channel (see there).  Where that
+    kernel stops (a mean NaN or infinite, or float32 data that needs float64 lanes), the
+    statistics are finished and ``y`` written from Python over ``whole``, the ``(plan, x3,
+    y3)`` of the whole tensor."""
+    C = p.C // G
+    mean = np.empty(C)
+    var = np.empty(C)
+    (xw, yw), P, (R, W, Re, We), nt = _cl_tiled_args(p, x3, (x3, y3), fresh)
+    narrow = _narrow(x3)
+    (a, _), (a32, rows32) = _param_rows(p, 3, narrow, P)
+    status = _cl.train_tiled(x3.size, x3, xw, R, W, _tile_counts(x3.shape[0], R), Re, We, w, b,
+                             eps, narrow, a, a32, _floor(rows32[0], _NEG_INF), yw, mean, var, nt,
+                             G)
+    if status:  # nothing written yet: a mean NaN or infinite (1), float64 lanes needed (2)
+        pw, xv, yv = whole
+        if status == 1:
+            mean, var = _nonfinite_means(pw, xv, mean, var)
+        _affine(pw, xv, yv, mean, var, w, b, eps, _NEG_INF, xv.size // C, fresh=fresh)
+    return mean, var
+
+
+def _train_runs_as_rows(p, x3, y3, rows3, w, b, eps, fresh):
+    """Forward training of a channels-first view of short runs taken as rows
+    (:func:`_runs_as_rows`): ``(mean, var)``, ``y3`` written."""
+    x2, y2 = rows3
+    S = p.shape3[2]
+    p2 = _layout.plan(x2, 1)
+    if not _fuse_train(p2, x2):
+        return _train_tiled(p2, x2, y2, w, b, eps, fresh, (p, x3, y3), S)
+    mean = np.empty(p.C)
+    var = np.empty(p.C)
+    _cl.train_small_grouped(_items_size(p2, x2), x2, w, b, eps, _narrow(x2), y2, mean, var,
+                            *_line_rows(3, p2.C)[1], S)
+    return mean, var
 
 
 def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, out=None):

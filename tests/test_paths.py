@@ -590,6 +590,69 @@ def test_channels_last_rows_of_every_length(monkeypatch, route, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, kernel", [((32, 256, 4, 4), "train_small_grouped"),
+                                           ((64, 410, 5), "train_small_grouped"),
+                                           ((48, 400, 2, 2, 2), "train_small_grouped"),
+                                           ((40, 300, 3, 2, 2), "train_small_grouped"),
+                                           ((256, 40, 13), "train_tiled")])
+@pytest.mark.parametrize("case", ["plain", "far mean", "huge weight", "nonfinite", "strided out"])
+def test_short_runs_train_as_rows(monkeypatch, shape, kernel, dtype, case):
+    """Channels-first runs of at most 16 values, 32 samples or more, 2**17 values or more
+    (``functional._runs_as_rows``): forward training takes each sample as a row of ``C * S``
+    values through a channels-last kernel with ``G = S`` (blocks of whole channels below 256
+    rows, else the tiled passes), the columns' moments merged per channel (Chan), the
+    parameters spread back over the columns.  Checked against the reference, the running
+    statistics too (their unbiased variance counts ``N * S`` values), with data far from 0
+    (the merge must not cancel), a weight of 1e32 (float64 lanes; the tiled kernel leaves
+    the elementwise pass to Python), and infinities and NaN in some channels (as the
+    channels-first route gives them).  An ``out`` whose samples are not one row of memory
+    takes the channels-first route."""
+    seen = []
+    for name in ("train_small", "train_small_grouped", "train_tiled"):
+        def spy(size, *args, _kernel=getattr(F._cl, name), _name=name):
+            seen.append((_name, args[-1]))
+            return _kernel(size, *args)
+
+        monkeypatch.setattr(F._cl, name, spy)
+    x, _ = _input(shape, 1, dtype)
+    C, S = shape[1], int(np.prod(shape[2:]))
+    if case == "far mean":
+        x += dtype(1e4)
+    if case == "nonfinite":
+        x[3, 7].flat[2] = np.inf
+        x[1, 9].flat[0] = np.nan
+        x[0, 11].flat[1] = -np.inf
+        x[5, 11].flat[0] = np.inf
+        x[2, 12].flat[S - 1] = np.inf
+        x[4, 12].flat[0] = np.inf
+    w, b, rm, rv = params(C, dtype, "paths")
+    if case == "huge weight":
+        w = w * dtype(1e32)
+    out = None
+    if case == "strided out":
+        out = np.zeros(shape[:1] + (2 * C,) + shape[2:], dtype)[:, ::2]
+    y, mean, invstd = fastbn.batch_norm_train(x, w, b, out=out)
+    assert seen == ([(kernel, S)] if case != "strided out" else []), seen
+    if out is not None:
+        assert y is out
+    if case == "nonfinite":  # against the channels-first route
+        monkeypatch.setattr(F, "_RUNS_AS_ROWS_MAX", 0)
+        for got, want in zip((y, mean, invstd), fastbn.batch_norm_train(x, w, b)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        assert np.isnan(mean[[9, 11]]).all() and (mean[[7, 12]] == np.inf).all(), mean
+        return
+    ry, rmean, rinvstd = ref.batch_norm_train(x, w, b)
+    assert_close(y, ry, dtype, slack=input_precision_slack(x, rinvstd, w), name="y")
+    assert_close(mean, rmean, dtype, name="mean")
+    assert_close(invstd, rinvstd, dtype, name="invstd")
+    got_m, got_v = rm.copy(), rv.copy()
+    fastbn.batch_norm(x, got_m, got_v, w, b, training=True)
+    _, want_m, want_v = ref.batch_norm(x, rm, rv, w, b, training=True)
+    assert_close(got_m, want_m, dtype, name="running_mean")
+    assert_close(got_v, want_v, dtype, name="running_var")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, kernel", [((64, 128, 4, 4), "backward_small_grouped"),
                                            ((64, 410, 5), "backward_small_grouped"),
                                            ((64, 300, 2, 2, 2), "backward_small_grouped"),

@@ -270,19 +270,36 @@ def stats_tiled(x, R, W, count, ddof, mean, var):
 
 @kernel(exact=True)
 def train_tiled(x, xw, R, W, count, Re, We, weight, bias, eps, narrow, a, a32, lo32, yw, mean,
-                var, nt):
+                var, nt, G):
     """Forward training: :func:`stats_tiled`, then ``merge.affine_params_chunked`` into the
     scratch ``a`` (float64) and ``a32`` (float32, or ``a`` for float64 data; ``lo32`` the floor
     in its type), then :func:`affine` from ``xw`` into ``yw`` in tiles of ``Re`` rows by ``We``
     columns (``x`` and ``y`` viewed as rows of whole channel rows, see ``merge.tile_columns``).
+    ``G``: columns per channel, as in :func:`backward_tiled` (the columns' moments merged per
+    channel, the parameters spread back over the columns).
     Returns 0 when done; else nothing was written to ``yw``: 1 where a mean came out NaN or
     infinite, 2 where float32 data needs float64 lanes (see above)."""
-    M, C = x.shape
-    if _stats_tiles(x, R, W, count, 0.0, mean, var):
-        return 1
-    if affine_params_chunked(mean, var, weight, bias, eps, M, narrow, a, a32) != narrow:
+    M, CG = x.shape
+    C = CG // G
+    if G == 1:
+        if _stats_tiles(x, R, W, count, 0.0, mean, var):
+            return 1
+    else:
+        cm = np.empty(CG)
+        cv = np.empty(CG)
+        bad = _stats_tiles(x, R, W, count, 0.0, cm, cv)
+        for c in range(CG):
+            cv[c] *= M  # the columns' M2
+        _fold_moments(cm, cv, C, G, M, mean, var)
+        for k in range(C):
+            var[k] /= M * G
+        if bad:
+            return 1
+    if affine_params_chunked(mean, var, weight, bias, eps, M * G, narrow, a, a32) != narrow:
         return 2
-    V = tile_columns(a32, C, xw.shape[1])
+    for i in range(3 if G > 1 else 0):
+        _spread(a32[i], C, G)
+    V = tile_columns(a32, CG, xw.shape[1])
     _affine_tiles(xw, a32[0, :V], a32[1, :V], a32[2, :V], lo32, yw, Re, We, nt)
     return 0
 
@@ -310,6 +327,27 @@ def _spread(v, n, G):
         t = v[k]
         for g in range(G):
             v[k * G + g] = t
+
+
+@helper(exact=True)
+def _fold_moments(mean, m2, n, G, M, out_mean, out_m2):
+    """Chan's merge of each of the ``n`` channels' ``G`` columns of ``M`` values (column means
+    ``mean``, M2s ``m2``) into ``out_mean[k]`` and ``out_m2[k]``: the mean of the means, and the
+    M2s plus ``M`` times the squared deviations of the means from it (equal counts).  ``out_*``
+    may be ``mean`` and ``m2`` themselves, as in :func:`_fold`."""
+    for k in range(n):
+        s = 0.0
+        for g in range(G):
+            s += mean[k * G + g]
+        mk = s / G
+        t = 0.0
+        d2 = 0.0
+        for g in range(G):
+            d = mean[k * G + g] - mk
+            t += m2[k * G + g]
+            d2 += d * d
+        out_mean[k] = mk
+        out_m2[k] = t + M * d2
 
 
 @kernel(exact=True)
@@ -358,11 +396,33 @@ def backward_tiled(x, dy, xw, dyw, mu, invstd, weight, R, W, Re, We, narrow, a, 
 # so results do not depend on the thread count.
 
 BLOCK = 64  # channels per work item: one sweep of the column kernels (float32)
+# A block of channels of G > 1 columns (channels-first runs taken as rows) holds at least this
+# many values: with fewer rows, blocks of BLOCK columns left each item too little work
+# (training, forced onto the rows, 1 thread: (16, 512, 4, 4) 69 -> 57 us, (8, 256, 4, 4) 29 ->
+# 23 us with 4096; 8192 measured no better).
+_GROUP_VALUES = 4096
 
 
 @helper
 def _blocks(C):
     return (C + BLOCK - 1) // BLOCK
+
+
+@helper
+def _per_block(G, M):
+    """Channels of ``G`` columns a block of ``M`` rows: ``BLOCK`` columns, or for ``G > 1``
+    whole channels filling at least ``BLOCK`` columns and ``_GROUP_VALUES`` values, and a
+    whole number of float32 vectors (16 values), so that the column kernels run no masked
+    tail (with ``BLOCK // G`` channels instead, backward against this, float32, 2 threads,
+    in one process: (128, 128, 3, 3) 45.8 -> 31.3 us, (64, 256, 3, 3) 49.1 -> 34.3 us,
+    (64, 400, 7) 51.9 -> 40.6 us; training (64, 64, 3, 3) at 1 thread 20.2 -> 16.3 us)."""
+    if G == 1:
+        return BLOCK
+    least = max(BLOCK, _GROUP_VALUES // M)
+    per = 1
+    while per * G < least or (per * G) % 16:
+        per += 1
+    return per
 
 
 @helper(exact=True)
@@ -439,34 +499,61 @@ def infer_small(x, center, var, weight, bias, eps, lo, narrow, y, params):
             affine_rows(src, dst, n, par, M, strides)
 
 
-@kernel(exact=True, serial_below=SMALL_PARALLEL_FROM)
-def train_small(x, weight, bias, eps, narrow, y, mean, var, scale, shift):
+# placeholder of the templates below, which each copy replaces (_config.specialise)
+_GROUPED = None
+
+
+def _train_small_template(x, weight, bias, eps, narrow, y, mean, var, centre, scale, shift, G):
     """Forward training in one call for small tensors: per block of channels, the statistics,
     then ``y``, in float64 lanes whatever ``narrow`` says: float32 lanes, which need a check and
     a rounded centre per channel, measured slower even with those vectorised across channels
     (parallel build, float32 data, 2 threads, float32 against float64 lanes: (4, 1024) 6.4
     against 5.1 us, (128, 1024) 28.8 against 21.2 us).  ``weight`` and ``bias``: either float
-    type, or None; ``scale`` and ``shift``: float64 scratch of ``C`` values (see
-    ``functional._line_rows``)."""
-    M, C = x.shape
+    type, or None; ``centre``, ``scale`` and ``shift``: float64 scratch of a value per column
+    (see ``functional._line_rows``), ``centre`` may be ``mean``.  ``G``: columns per channel,
+    as in :func:`backward_tiled` (a block holds whole channels, the columns' moments merged
+    per channel, the parameters spread back over the columns); 1 at compile time in
+    ``train_small`` (see :func:`_backward_small_template`)."""
+    if not _GROUPED:
+        G = 1
+    M, CG = x.shape
+    C = CG // G
+    per = _per_block(G, M)
     strides = (_rows(x), _rows(y))
-    for b in numba.prange(_blocks(C)):
-        c0 = b * BLOCK
-        c1 = min(C, c0 + BLOCK)
+    for b in numba.prange((C + per - 1) // per):
+        k0 = b * per
+        k1 = min(C, k0 + per)
+        c0 = k0 * G
+        c1 = k1 * G
+        cm2 = var if G == 1 else scale  # the columns' M2, until the scales replace them
         if not _block_moments(at(x, (0, c0)), at(x, (1, c0)), _rows(x), M, c1 - c0,
-                              at(mean, (c0,)), at(var, (c0,))):
-            _unshifted_columns(x, c0, c1, mean, var)
-        vb, sb, hb = var[c0:c1], scale[c0:c1], shift[c0:c1]
-        for j in range(c1 - c0):  # from 0, so that it vectorises (see backward_small)
-            v = vb[j] / M
+                              at(centre, (c0,)), at(cm2, (c0,))):
+            _unshifted_columns(x, c0, c1, centre, cm2)
+        if G > 1:
+            _fold_moments(centre[c0:c1], scale[c0:c1], k1 - k0, G, M, mean[k0:k1], var[k0:k1])
+        vb, sb, hb = var[k0:k1], scale[c0:c1], shift[c0:c1]
+        for j in range(k1 - k0):  # from 0, so that it vectorises (see backward_small)
+            v = vb[j] / (M * G)
             vb[j] = v
             sc = 1.0 / math.sqrt(v + eps)
             if weight is not None:
-                sc *= weight[c0 + j]
+                sc *= weight[k0 + j]
             sb[j] = sc
-            hb[j] = 0.0 if bias is None else bias[c0 + j]
-        par = (at(mean, (c0,)), at(scale, (c0,)), at(shift, (c0,)), -math.inf)
+            hb[j] = 0.0 if bias is None else bias[k0 + j]
+        if G > 1:
+            eb, mb = centre[c0:c1], mean[k0:k1]
+            for j in range(k1 - k0):
+                eb[j] = mb[j]
+            for v in (eb, sb, hb):
+                _spread(v, k1 - k0, G)
+        par = (at(centre, (c0,)), at(scale, (c0,)), at(shift, (c0,)), -math.inf)
         affine_rows((at(x, (0, c0)),), at(y, (0, c0)), c1 - c0, par, M, strides)
+
+
+train_small = kernel(exact=True, serial_below=SMALL_PARALLEL_FROM)(
+    specialise(_train_small_template, "train_small", _GROUPED=False))
+train_small_grouped = kernel(exact=True, serial_below=SMALL_PARALLEL_FROM)(
+    specialise(_train_small_template, "train_small_grouped", _GROUPED=True))
 
 
 # backward_small takes float32 lanes from this many rows: with fewer, float64 lanes measured
@@ -474,10 +561,6 @@ def train_small(x, weight, bias, eps, narrow, y, mean, var, scale, shift):
 # against 6.4 us, (16, 1000) 7.8 against 9.6 us; 64 rows about even; (256, 1024) 90 against
 # 75 us, where float32 lanes win).
 _BWD_ROWS32 = 64
-
-
-# placeholder of the template below, which each copy replaces (_config.specialise)
-_GROUPED = None
 
 
 def _backward_small_template(x, dy, mu, invstd, weight, training, narrow, dx, grads, G):
@@ -493,7 +576,7 @@ def _backward_small_template(x, dy, mu, invstd, weight, training, narrow, dx, gr
         G = 1
     M, CG = x.shape
     C = CG // G
-    per = max(1, BLOCK // G)  # channels a block
+    per = _per_block(G, M)
     L = float(M * G)
     rows = (_rows(x), _rows(dy), _rows(dx))
     par = np.empty((4, CG))  # mu, a, q, r of merge.backward_params, in float64, per column
