@@ -586,50 +586,46 @@ def _long_channels(p, x):
 
 
 # Channels-first runs this short (a 4 x 4 map: 16 values) make poor work for either channels-first
-# route: one vector or less per run, a channel's runs a sample apart.  In float32 tensors from
-# _RUNS_AS_ROWS_FROM values and _RUNS_AS_ROWS_MIN samples, training-mode backward takes each
-# sample as one row of C * S values, channel c the S columns from c * S, and runs the
+# route: one vector or less per run, a channel's runs a sample apart.  In tensors from
+# _RUNS_AS_ROWS_FROM values and _RUNS_AS_ROWS_MIN samples (float64 up to an eighth of the
+# last-level cache, _RUNS_AS_ROWS_WIDE), forward training and training-mode backward take each
+# sample as one row of C * S values, channel c the S columns from c * S, and run the
 # channels-last kernels on those rows (blocks of whole channels below 256 rows, else the tiled
-# passes; their column sums added up per channel, the parameters spread back over the columns:
-# channels_last.backward_small_grouped and backward_tiled with G = S): unit-stride vectors over
-# whole rows.  Whole calls against the channels-first routes, alternating in one process,
-# float32, 2 and 1 threads: (64, 512, 4, 4) 124 -> 104 and 266 -> 178 us (PyTorch 120 and 197),
-# (128, 128, 4, 4) 81 -> 49 and 144 -> 77 (PyTorch 53 and 91), (256, 64, 4, 4) 95 -> 54 and
-# 174 -> 76, (512, 128, 4, 4) 517 -> 213 and 1004 -> 354 (PyTorch 418 and 784),
-# (32, 1024, 2, 2) 102 -> 44 and 185 -> 82, (64, 256, 3, 3) 54 -> 51 and 91 -> 80.  Fewer
-# samples or values lost ((32, 256, 4, 4) 0.81x and 0.86x, (32, 128, 4, 4) 0.80x, (16, 512,
-# 4, 4) 0.67x at 2 threads: too little work per block or tile), as did float64 at 2 threads
-# ((128, 128, 4, 4) 0.85x, (256, 64, 4, 4) 0.93x, though 1.4x at one) and runs of 25 values or
-# more ((32, 256, 5, 5) 0.64x).  Evaluation mode keeps the channels-first routes.
-# Training takes the rows too (channels_last.train_small_grouped and train_tiled, the columns'
-# moments merged per channel), from _RUNS_AS_ROWS_MIN_TRAIN samples, float64 as well up to
-# an eighth of the last-level cache (_RUNS_AS_ROWS_WIDE).  Whole calls against the
-# channels-first routes, alternating in one process, 2 and 1 threads: float32 (64, 512, 4, 4)
-# 164 -> 81 and 324 -> 141 us (PyTorch 337 and 670), (32, 1024, 2, 2) 133 -> 31 and 259 -> 49
-# (PyTorch 115 and 226: the channels-first route was behind), (512, 128, 4, 4) 285 -> 145 and
-# 755 -> 247, (64, 256, 3, 3) 40 -> 28 and 64 -> 43, (32, 256, 4, 4) 44 -> 32 and 80 -> 44;
-# float64 (128, 128, 4, 4) 118 -> 69 and 220 -> 91, (64, 256, 3, 3) 44 -> 39 and 73 -> 60.
-# Even or behind, so left out: 16 samples or fewer ((16, 512, 4, 4) 1.02x and 0.98x, (8,
-# 256, 4, 4) 0.95x), fewer values ((64, 64, 3, 3) 0.94x), float64 past the bound ((256, 256,
-# 4, 4) 0.93x and 0.72x).
+# passes, with G = S: channels_last.train_small_grouped, train_tiled, backward_small_grouped,
+# backward_tiled): unit-stride vectors over whole rows.  The columns' moments are merged per
+# channel (Chan), their gradient sums added up per channel, and the parameters spread back
+# over the columns.  Whole calls against the channels-first routes, alternating in one process,
+# 2 and 1 threads.  Training: float32 (64, 512, 4, 4) 164 -> 81 and 324 -> 141 us (PyTorch 337
+# and 670), (32, 1024, 2, 2) 133 -> 31 and 259 -> 49 (PyTorch 115 and 226: the channels-first
+# route was behind), (512, 128, 4, 4) 285 -> 145 and 755 -> 247, (64, 256, 3, 3) 40 -> 28 and
+# 64 -> 43, (32, 256, 4, 4) 44 -> 32 and 80 -> 44; float64 (128, 128, 4, 4) 118 -> 69 and
+# 220 -> 91, (64, 256, 3, 3) 44 -> 39 and 73 -> 60.  Backward: float32 (64, 512, 4, 4) 124 ->
+# 104 and 266 -> 178 us (PyTorch 120 and 197), (128, 128, 4, 4) 81 -> 49 and 144 -> 77
+# (PyTorch 53 and 91), (512, 128, 4, 4) 517 -> 213 and 1004 -> 354 (PyTorch 418 and 784),
+# (32, 1024, 2, 2) 102 -> 44 and 185 -> 82, (32, 256, 4, 4) 52 -> 48 and 92 -> 65, (32, 512,
+# 3, 3) 52 -> 52 and 94 -> 70; float64 (64, 256, 3, 3) 67 -> 54 and 103 -> 78, (128, 128, 4,
+# 4) 94 -> 97 and 176 -> 161, (256, 64, 4, 4) 84 -> 85 and 143 -> 128.  Even or behind, so
+# left out: 16 samples ((16, 512, 4, 4) training 1.02x and 0.98x, backward 0.75x and 0.72x),
+# fewer values ((64, 64, 3, 3) training 0.94x; (32, 128, 4, 4) backward 0.67x and 1.15x),
+# float64 past the bound ((256, 256, 4, 4) training 0.93x and 0.72x), runs of 25 values or
+# more ((32, 256, 5, 5) backward 0.64x).  Evaluation-mode backward keeps the channels-first
+# routes.
 _RUNS_AS_ROWS_MAX = 16
-_RUNS_AS_ROWS_MIN = 64
-_RUNS_AS_ROWS_MIN_TRAIN = 32
+_RUNS_AS_ROWS_MIN = 32
 _RUNS_AS_ROWS_FROM = 1 << 17
-_RUNS_AS_ROWS_WIDE = 8  # float64 up to an eighth of the last-level cache
+_RUNS_AS_ROWS_WIDE = 8
 
 
-def _runs_as_rows(p, arrays, train=False):
-    """For a channels-first view of short runs (see above), in backward (float32) or, when
-    ``train``, forward training: the kernel views ``arrays`` as rows of ``C * S`` values, or
-    None."""
+def _runs_as_rows(p, arrays):
+    """For a channels-first view of short runs (see above): the kernel views ``arrays`` as
+    rows of ``C * S`` values, or None."""
     x = arrays[0]
-    if p.channels_last or not (x.dtype == _F32 or train
-                               and x.nbytes <= _config.LLC_BYTES // _RUNS_AS_ROWS_WIDE):
+    if p.channels_last or not (x.dtype == _F32
+                               or x.nbytes <= _config.LLC_BYTES // _RUNS_AS_ROWS_WIDE):
         return None
     N, C, S = p.shape3
-    if not (1 < S <= _RUNS_AS_ROWS_MAX and N * C * S >= _RUNS_AS_ROWS_FROM
-            and N >= (_RUNS_AS_ROWS_MIN_TRAIN if train else _RUNS_AS_ROWS_MIN)):
+    if not (1 < S <= _RUNS_AS_ROWS_MAX and N >= _RUNS_AS_ROWS_MIN
+            and N * C * S >= _RUNS_AS_ROWS_FROM):
         return None
     rows = tuple(_layout._reshape_nocopy(a, (N, C * S)) for a in arrays)
     if any(v is None or v.strides[1] != v.itemsize for v in rows):
@@ -1210,7 +1206,7 @@ def _train(x, axis, weight, bias, eps, out, guard=()):
     y, y3, finish, fresh = _output(p, x, out, ((x, "x"), (w, "weight"), (b, "bias")) + guard,
                                    apart=x)
     x3 = p.as_input(x)
-    rows3 = _runs_as_rows(p, (x3, y3), train=True)
+    rows3 = _runs_as_rows(p, (x3, y3))
     if rows3 is not None:
         mean, var = _train_runs_as_rows(p, x3, y3, rows3, w, b, eps, fresh)
     elif _fuse_train(p, x3) or _long_channels(p, x3):

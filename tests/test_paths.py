@@ -653,20 +653,20 @@ def test_short_runs_train_as_rows(monkeypatch, shape, kernel, dtype, case):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape, kernel", [((64, 128, 4, 4), "backward_small_grouped"),
+@pytest.mark.parametrize("shape, kernel", [((32, 256, 4, 4), "backward_small_grouped"),
+                                           ((64, 128, 4, 4), "backward_small_grouped"),
                                            ((64, 410, 5), "backward_small_grouped"),
                                            ((64, 300, 2, 2, 2), "backward_small_grouped"),
                                            ((256, 40, 13), "backward_tiled")])
 @pytest.mark.parametrize("case", ["plain", "huge weight", "strided out"])
 def test_short_runs_backward_as_rows(monkeypatch, shape, kernel, dtype, case):
-    """Float32 channels-first runs of at most 16 values, 64 samples or more, 2**17 values or
-    more (``functional._runs_as_rows``): training-mode backward takes each sample as a row of
+    """Channels-first runs of at most 16 values, 32 samples or more, 2**17 values or more
+    (``functional._runs_as_rows``): training-mode backward takes each sample as a row of
     ``C * S`` values through a channels-last kernel with ``G = S`` (blocks of whole channels
     below 256 rows, else the tiled passes), its column sums added up per channel, its
     parameters spread back over the columns (a weight of 1e32 takes float64 lanes, and in the
     tiled passes leaves the elementwise pass to Python with them).  An ``out`` whose samples
-    are not one row of memory takes the channels-first route, as float64 does.  All match the
-    reference."""
+    are not one row of memory takes the channels-first route.  All match the reference."""
     seen = []
     for name in ("backward_small", "backward_small_grouped", "backward_tiled"):
         def spy(size, *args, _kernel=getattr(F._cl, name), _name=name):
@@ -687,7 +687,7 @@ def test_short_runs_backward_as_rows(monkeypatch, shape, kernel, dtype, case):
     if case == "strided out":
         out = np.zeros(shape[:1] + (2 * C,) + shape[2:], dtype)[:, ::2]
     dx, dw, db = fastbn.batch_norm_backward(dy, x, mean, invstd, w, out=out)
-    as_rows = case != "strided out" and dtype == np.float32
+    as_rows = case != "strided out"
     assert seen == ([(kernel, S)] if as_rows else []), seen
     if out is not None:
         assert dx is out
