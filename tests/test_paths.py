@@ -48,6 +48,19 @@ def _spy(monkeypatch, names):
     return seen
 
 
+def _spy_columns(monkeypatch, names):
+    """Record, in the returned list, ``(name, G)`` for each of the channels-last kernels
+    ``names`` that runs, ``G`` its last argument (columns per channel)."""
+    seen = []
+    for name in names:
+        def spy(size, *args, _kernel=getattr(F._cl, name), _name=name):
+            seen.append((_name, args[-1]))
+            return _kernel(size, *args)
+
+        monkeypatch.setattr(F._cl, name, spy)
+    return seen
+
+
 @pytest.fixture(params=["one_call", "tiled"])
 def path(request, monkeypatch):
     """Route to one decomposition and record the channels-first kernels that ran."""
@@ -607,13 +620,7 @@ def test_short_runs_train_as_rows(monkeypatch, shape, kernel, dtype, case):
     the elementwise pass to Python), and infinities and NaN in some channels (as the
     channels-first route gives them).  An ``out`` whose samples are not one row of memory
     takes the channels-first route."""
-    seen = []
-    for name in ("train_small", "train_small_grouped", "train_tiled"):
-        def spy(size, *args, _kernel=getattr(F._cl, name), _name=name):
-            seen.append((_name, args[-1]))
-            return _kernel(size, *args)
-
-        monkeypatch.setattr(F._cl, name, spy)
+    seen = _spy_columns(monkeypatch, ("train_small", "train_small_grouped", "train_tiled"))
     x, _ = _input(shape, 1, dtype)
     C, S = shape[1], int(np.prod(shape[2:]))
     if case == "far mean":
@@ -667,13 +674,8 @@ def test_short_runs_backward_as_rows(monkeypatch, shape, kernel, dtype, case):
     parameters spread back over the columns (a weight of 1e32 takes float64 lanes, and in the
     tiled passes leaves the elementwise pass to Python with them).  An ``out`` whose samples
     are not one row of memory takes the channels-first route.  All match the reference."""
-    seen = []
-    for name in ("backward_small", "backward_small_grouped", "backward_tiled"):
-        def spy(size, *args, _kernel=getattr(F._cl, name), _name=name):
-            seen.append((_name, args[-1]))
-            return _kernel(size, *args)
-
-        monkeypatch.setattr(F._cl, name, spy)
+    seen = _spy_columns(monkeypatch, ("backward_small", "backward_small_grouped",
+                                      "backward_tiled"))
     x, axis = _input(shape, 1, dtype)
     C, S = shape[1], int(np.prod(shape[2:]))
     w, _, _, _ = params(C, dtype, "paths")
