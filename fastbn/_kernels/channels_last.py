@@ -544,8 +544,8 @@ def _train_small_template(x, weight, bias, eps, narrow, y, mean, var, centre, sc
             eb, mb = centre[c0:c1], mean[k0:k1]
             for j in range(k1 - k0):
                 eb[j] = mb[j]
-            for v in (eb, sb, hb):
-                _spread(v, k1 - k0, G)
+            for row in (eb, sb, hb):
+                _spread(row, k1 - k0, G)
         par = (at(centre, (c0,)), at(scale, (c0,)), at(shift, (c0,)), -math.inf)
         affine_rows((at(x, (0, c0)),), at(y, (0, c0)), c1 - c0, par, M, strides)
 
